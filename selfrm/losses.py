@@ -1,0 +1,27 @@
+"""The two training losses, as pure functions of tensors. Each returns one loss per pair
+(no reduction): the training loop sums them and divides by the number of pairs in the
+global batch, so gradient accumulation and DDP average over pairs exactly."""
+import torch
+import torch.nn.functional as F
+
+
+def srm_loss(label_logits, labels):
+    """SRM (SSRM section 2.1): l = -log pi(y | T(x, a1, a2)), the cross-entropy of the label
+    token over the whole vocabulary, at the one label position.
+
+    label_logits: (B, V) next-token logits at the label position; labels: (B,) token ids of
+    `A` or `B`. Returns (B,) losses, computed in fp32.
+    """
+    return F.cross_entropy(label_logits.float(), labels, reduction="none")
+
+
+def pairwise_loss(chosen_rewards, rejected_rewards, margins=None):
+    """Pairwise (Bradley-Terry) loss (SER section 3, step 3):
+    l = -log sigmoid(r_chosen - r_rejected - m).
+
+    chosen_rewards, rejected_rewards: (B,); margins: (B,) or None (m = 0). Returns (B,).
+    """
+    diff = chosen_rewards.float() - rejected_rewards.float()
+    if margins is not None:
+        diff = diff - margins
+    return -F.logsigmoid(diff)

@@ -1,0 +1,168 @@
+"""Models: load and save (Hugging Face format, safetensors), LoRA through peft, and the two
+reward-model kinds as small `nn.Module`s that DDP wraps.
+
+- `PreferenceModel` (pm): a causal LM; only the hidden state at the label position goes
+  through the LM head, so no (B, T, V) logits tensor is ever built.
+- `RewardModel` (rm): a sequence classifier with one output; the reward is its logit.
+"""
+import json
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from selfrm import toy
+from selfrm.files import atomic_dir
+
+
+class PreferenceModel(nn.Module):
+    """Pairwise preference LM (SPEC 1a). `lm` is an HF causal LM, or a peft model around one."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    @property
+    def hf(self):
+        """The HF causal LM (LoRA layers, if any, live inside it)."""
+        return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+
+    def forward(self, input_ids, attention_mask, label_positions, token_ids=None):
+        """Next-token logits at label_positions: (B, V), or (B, len(token_ids)) when only
+        the rows of `token_ids` (e.g. the ids of `A` and `B`) are wanted. fp32."""
+        hf = self.hf
+        hidden = hf.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        label_hidden = hidden[torch.arange(hidden.size(0), device=hidden.device), label_positions]
+        head = hf.get_output_embeddings()
+        if token_ids is not None and isinstance(head, nn.Linear):
+            bias = head.bias[token_ids] if head.bias is not None else None
+            logits = F.linear(label_hidden, head.weight[token_ids], bias)
+        else:
+            logits = head(label_hidden)
+            if token_ids is not None:
+                logits = logits[:, token_ids]
+        softcap = getattr(hf.config, "final_logit_softcapping", None)  # Gemma 2 caps its logits
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits.float()
+
+
+class RewardModel(nn.Module):
+    """Scalar reward model (SPEC 1b). `model` is an HF sequence classifier with num_labels=1
+    (or a peft model around one); right padding does not move the reward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    @property
+    def hf(self):
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def forward(self, input_ids, attention_mask):
+        """(N,) fp32 rewards."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
+
+
+def inner(model):
+    """The PreferenceModel/RewardModel inside a DDP wrapper (or the model itself)."""
+    return model.module if hasattr(model, "module") else model
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_tokenizer(cfg, source=None):
+    source = source or cfg.model
+    if source == "toy":
+        tokenizer = toy.build_tokenizer()
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=cfg.gguf_file or None,
+                                                  trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token is None:  # prefer a token that never ends a real text
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    if tokenizer.pad_token is None:
+        raise ValueError(f"{source}: the tokenizer has no pad, unk or eos token to pad with")
+    return tokenizer
+
+
+def model_type_of(source):
+    """'pm' or 'rm' for a saved model folder: from selfrm's settings.json, else from the
+    architecture name in config.json; None when neither says."""
+    settings = os.path.join(source, "settings.json")
+    if os.path.exists(settings):
+        with open(settings) as f:
+            return json.load(f).get("model_type")
+    if os.path.exists(os.path.join(source, "config.json")):
+        archs = AutoConfig.from_pretrained(source).architectures or []
+        if any(a.endswith("ForCausalLM") for a in archs):
+            return "pm"
+        if any(a.endswith("ForSequenceClassification") for a in archs):
+            return "rm"
+    return None
+
+
+def load_model(cfg, source=None, tokenizer=None):
+    """The model of kind cfg.model_type from `source` (default cfg.model), fp32 weights on the
+    CPU, as a PreferenceModel or RewardModel. A folder holding a LoRA adapter saved by
+    selfrm is loaded on top of its base model."""
+    source = source or cfg.model
+    tokenizer = tokenizer or load_tokenizer(cfg, source)
+    auto = AutoModelForCausalLM if cfg.model_type == "pm" else AutoModelForSequenceClassification
+    extra = {"num_labels": 1} if cfg.model_type == "rm" else {}
+    adapter = os.path.isdir(source) and os.path.exists(os.path.join(source, "adapter_config.json"))
+    if source == "toy":
+        torch.manual_seed(cfg.seed)
+        hf = toy.build_model(cfg.model_type, tokenizer)
+    else:
+        base = source
+        if adapter:
+            with open(os.path.join(source, "adapter_config.json")) as f:
+                base = json.load(f)["base_model_name_or_path"]
+        hf = auto.from_pretrained(base, gguf_file=cfg.gguf_file or None, dtype=torch.float32,
+                                  trust_remote_code=cfg.trust_remote_code, **extra)
+    hf.config.pad_token_id = tokenizer.pad_token_id
+    hf.config.use_cache = False  # training and scoring never decode
+    if adapter:
+        from peft import PeftModel
+        hf = PeftModel.from_pretrained(hf, source, is_trainable=True)
+    return (PreferenceModel if cfg.model_type == "pm" else RewardModel)(hf), tokenizer
+
+
+def add_lora(model, cfg):
+    """Wrap the HF model inside `model` with LoRA adapters. For rm, peft's SEQ_CLS task
+    keeps the score head trainable and saves it with the adapter."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    targets = [t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()] or None
+    lora = LoraConfig(task_type=TaskType.CAUSAL_LM if cfg.model_type == "pm" else TaskType.SEQ_CLS,
+                      r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets)
+    if isinstance(model, PreferenceModel):
+        model.lm = get_peft_model(model.lm, lora)
+    else:
+        model.model = get_peft_model(model.model, lora)
+    return model
+
+
+def _hf_module(model):
+    return model.lm if isinstance(model, PreferenceModel) else model.model
+
+
+def save_model(model, tokenizer, path, settings, adapter_only=False):
+    """Write `path` whole or not at all: the HF model (LoRA merged unless adapter_only), the
+    tokenizer and settings.json. Merging replaces the adapters inside `model` by the merged
+    weights, so `model` stays usable (for scoring) after the save."""
+    model = inner(model)
+    hf = _hf_module(model)
+    if hasattr(hf, "merge_and_unload") and not adapter_only:
+        hf = hf.merge_and_unload()
+        if isinstance(model, PreferenceModel):
+            model.lm = hf
+        else:
+            model.model = hf
+    with atomic_dir(path) as tmp:
+        hf.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, "settings.json"), "w") as f:
+            json.dump(settings, f, indent=2)

@@ -1,0 +1,60 @@
+"""Preference probabilities of pairs, batched by length, sharded across ranks.
+
+pm (SPEC 1a): both orders of a pair go through the same forward batch; from each, the
+logits of the `A` and `B` tokens at the label position, softmaxed over those two, and
+P(a1 > a2) = (p_A(a1, a2) + p_B(a2, a1)) / 2.
+rm (SPEC 1b): both responses in the same batch; P(a1 > a2) = sigmoid(r1 - r2), and each
+response's score p = sigmoid(r).
+"""
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from selfrm import dist
+from selfrm.data import pad_right
+from selfrm.modeling import inner
+
+
+@torch.inference_mode()
+def score_encoded(model, encoded, pad_id, label_ids, world, batch_size=32, amp_dtype=None, desc="score"):
+    """encoded: per pair the two id lists of Encoder.encode_score; label_ids: the ids of `A`
+    and `B` for a pm, None for an rm. Returns a dict of numpy
+    arrays in pair order: prob_a, and for rm reward_a, reward_b. Each rank scores its
+    strided shard; every rank gets the merged result."""
+    model = inner(model).eval()
+    device = world.device
+    shard = list(range(world.rank, len(encoded), world.world_size))
+    # longest first: batches of similar length, and an out-of-memory shows on the first batch
+    order = sorted(shard, key=lambda i: -max(len(encoded[i][0]), len(encoded[i][1])))
+    token_ids = torch.tensor([label_ids["A"], label_ids["B"]], device=device) if label_ids else None
+    results = {}
+    bar = tqdm(total=len(shard), desc=desc, unit="pair", disable=not world.master, leave=False, dynamic_ncols=True)
+    start = time.time()
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        seqs = [s for i in idx for s in encoded[i]]  # pair i -> rows 2k (first order / a) and 2k+1
+        input_ids, attention_mask = (t.to(device, non_blocking=True) for t in pad_right(seqs, pad_id))
+        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else torch.autocast(device.type, enabled=False):
+            if token_ids is not None:
+                logits = model(input_ids, attention_mask, attention_mask.sum(1) - 1, token_ids=token_ids)
+                probs = logits.float().softmax(-1)  # (2B, 2): p_A, p_B
+                values = torch.stack([(probs[0::2, 0] + probs[1::2, 1]) / 2], 1)
+            else:
+                rewards = model(input_ids, attention_mask).float()
+                values = torch.stack([torch.sigmoid(rewards[0::2] - rewards[1::2]), rewards[0::2], rewards[1::2]], 1)
+        for i, v in zip(idx, values.cpu().tolist()):
+            results[i] = v
+        bar.update(len(idx))
+        bar.set_postfix(pairs_per_s=f"{(b + len(idx)) / (time.time() - start):.1f}")
+    bar.close()
+    merged = np.array(dist.gather_shards([results[i] for i in shard], world), dtype=np.float64).reshape(len(encoded), -1)
+    out = {"prob_a": merged[:, 0]}
+    if token_ids is None:
+        out["reward_a"], out["reward_b"] = merged[:, 1], merged[:, 2]
+    return out
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))

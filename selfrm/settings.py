@@ -1,0 +1,188 @@
+"""Settings: one dataclass per script, and the `--key=value` parser that fills it.
+
+Every script takes `--key=value` flags and `--config=FILE.json` (a JSON object of the same
+keys; flags given after it on the command line win). An unknown key or a value of the wrong
+type is an error that names the key. The comment after each field is its documentation:
+`python train.py --help` prints it.
+"""
+import dataclasses
+import inspect
+import json
+import re
+import sys
+from dataclasses import dataclass
+
+
+class SettingsError(ValueError):
+    pass
+
+
+# ----------------------------------------------------------------------------- shared groups
+
+@dataclass
+class ModelSettings:
+    model: str = "toy"  # local folder, hub id, or 'toy' (the built-in tiny model and task)
+    model_type: str = "pm"  # pm: pairwise preference LM (SSRM); rm: scalar reward model (SER)
+    gguf_file: str = ""  # GGUF file name inside --model, as transformers' from_pretrained takes it
+    trust_remote_code: bool = False  # run code shipped with a hub model; off unless asked for
+    format: str = "auto"  # data format: auto|jsonl|hh|sharegpt|stack_exchange
+    max_length: int = 512  # tokens per sequence; longer ones lose the start of the prompt
+    dtype: str = "auto"  # bf16|fp16|fp32 autocast; auto = bf16 on a CUDA GPU that has it, else fp32
+    seed: int = 0  # one seed for data order, A/B placement, splits and initialisation
+
+
+@dataclass
+class FilterSettings:
+    filter: str = "confidence"  # confidence (SSRM) | status (SER learning status) | none
+    threshold: float = 0.8  # confidence filter: keep a pair when max(P, 1-P) >= threshold
+    tau_high: float = 0.55  # status 1: one response scores above this...
+    tau_low: float = 0.45  # ...and the other below this
+    tau_delta: float = 0.3  # status 2: |p(a1) - p(a2)| above this
+    status_min_count: int = 600  # a status is met when at least this many pairs qualify
+    status_min_fraction: float = 0.0  # ...or this share of the pool, whichever is larger
+    status_mode: str = "sequential"  # sequential (the paper: status 1, else 2) | union (released code)
+    label_source: str = "argmax"  # argmax (the paper) | gold (the SSRM release's filter: keeps gold order; not semi-supervised)
+    batch_size: int = 32  # pairs per scoring batch (labeling and evaluation)
+
+
+# ----------------------------------------------------------------------------- per script
+
+@dataclass
+class TrainSettings(ModelSettings, FilterSettings):
+    train_file: str = ""  # labeled pairs; empty = the built-in toy task (with --model=toy)
+    eval_file: str = ""  # labeled pairs scored after each round
+    out_dir: str = "runs/demo"  # run folder: model/, settings.json, manifest.json, logs
+    resume: bool = True  # continue a run found in out_dir (same settings); finished work is kept
+    # optimisation
+    epochs: int = 1  # passes over the training set per round (SSRM: 1; SER: 2)
+    max_steps: int = 0  # stop after this many optimizer steps (0 = no limit)
+    lr: float = 5e-6  # peak learning rate
+    schedule: str = "cosine"  # cosine | linear | constant, after the warm-up
+    warmup_steps: int = 40  # linear warm-up from 0
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    grad_clip: float = 1.0  # max global grad norm (0 = off)
+    global_batch_size: int = 128  # pairs per optimizer step, over all ranks
+    micro_batch_size: int = 4  # pairs per forward on one rank (accumulation fills the rest)
+    group_by_length: bool = False  # micro-batches of similar length inside each global batch
+    gradient_checkpointing: bool = False  # trade compute for activation memory
+    margin: float = 0.0  # rm: m in -log sigmoid(r_c - r_r - m); a row's 'margin' field adds to it
+    # LoRA
+    lora: bool = False  # train LoRA adapters instead of all weights
+    lora_r: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    lora_target_modules: str = ""  # comma-separated module names; empty = peft's default for the model
+    save_adapter_only: bool = False  # save the LoRA adapter (+ score head) instead of the merged model
+    # bookkeeping
+    log_every: int = 10  # steps between log lines (and JSONL rows in train_log.jsonl)
+    save_every: int = 100  # steps between resumable checkpoints (0 = only at the end)
+    # self-training (active when --unlabeled_file is given)
+    unlabeled_file: str = ""  # pool of unlabeled pairs {prompt, response_a, response_b}
+    rounds: int = 3  # self-training rounds after round 0 (up to rounds+1 trained models)
+    init_from: str = "base"  # base: each round restarts from --model (SSRM); previous: from the last round
+    skip_initial_training: bool = False  # --model is already a reward model: no round-0 training
+
+
+@dataclass
+class LabelSettings(ModelSettings, FilterSettings):
+    unlabeled_file: str = ""  # input pool {prompt, response_a, response_b, ...}
+    out_file: str = ""  # output JSONL; a summary goes to <out_file minus .jsonl>.summary.json
+    emit: str = "rows"  # rows: every input row plus scores | pairs: kept rows as {prompt, chosen, rejected}
+
+
+@dataclass
+class EvalSettings(ModelSettings):
+    eval_file: str = ""  # labeled pairs {prompt, chosen, rejected, [subset], [id]}
+    out_file: str = ""  # metrics JSON (empty = print only)
+    predictions_file: str = ""  # one row per pair: id, subset, prob_chosen, correct
+    batch_size: int = 32  # pairs per scoring batch
+    plot: bool = True  # write <out_file>.png when matplotlib is installed
+
+
+CHOICES = {
+    "model_type": ("pm", "rm"),
+    "dtype": ("auto", "bf16", "fp16", "fp32"),
+    "format": ("auto", "jsonl", "hh", "sharegpt", "stack_exchange"),
+    "filter": ("confidence", "status", "none"),
+    "status_mode": ("sequential", "union"),
+    "label_source": ("argmax", "gold"),
+    "schedule": ("cosine", "linear", "constant"),
+    "init_from": ("base", "previous"),
+    "emit": ("rows", "pairs"),
+}
+
+
+# ----------------------------------------------------------------------------- parsing
+
+def _coerce(key, text, typ):
+    if isinstance(text, str) and typ is not str:
+        low = text.strip().lower()
+        if typ is bool:
+            if low in ("true", "1", "yes"):
+                return True
+            if low in ("false", "0", "no"):
+                return False
+            raise SettingsError(f"--{key}: expected true or false, got {text!r}")
+        try:
+            return typ(text)
+        except ValueError:
+            raise SettingsError(f"--{key}: expected {typ.__name__}, got {text!r}") from None
+    # values from a JSON config are typed already: check, allowing an int where a float is due
+    if typ is float and isinstance(text, int) and not isinstance(text, bool):
+        return float(text)
+    if type(text) is not typ:
+        raise SettingsError(f"{key}: expected {typ.__name__}, got {type(text).__name__} {text!r}")
+    return text
+
+
+def _help(cls):
+    """One line per field: name, default, and the comment written after it in the source."""
+    comments = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        for m in re.finditer(r"^\s+(\w+): \w+ = [^#\n]*#\s*(.*)$", inspect.getsource(klass), re.M):
+            comments[m.group(1)] = m.group(2)
+    return "\n".join(f"  --{f.name}={f.default!r:<14} {comments.get(f.name, '')}"
+                     for f in dataclasses.fields(cls))
+
+
+def parse_args(cls, argv=None):
+    """Build `cls` from `--key=value` strings (and `--config=FILE.json`), checking every key."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(f"settings ({cls.__name__}):\n{_help(cls)}")
+        sys.exit(0)
+    fields = {f.name: f.type for f in dataclasses.fields(cls)}
+    values = {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise SettingsError(f"expected --key=value, got {arg!r}")
+        key, text = arg[2:].split("=", 1)
+        if key == "config":
+            try:
+                with open(text) as f:
+                    loaded = json.load(f)
+            except (OSError, json.JSONDecodeError) as e:
+                raise SettingsError(f"--config={text}: {e}") from None
+            if not isinstance(loaded, dict):
+                raise SettingsError(f"--config={text}: expected a JSON object of settings")
+            items = loaded.items()
+        else:
+            items = [(key, text)]
+        for k, v in items:
+            if k not in fields:
+                raise SettingsError(f"unknown setting {k!r} for {cls.__name__} (see --help)")
+            values[k] = _coerce(k, v, fields[k])
+    return make(cls, **values)
+
+
+def make(cls, **values):
+    """Build settings in code (tests, the self-training loop), with the same checks as flags."""
+    cfg = cls(**values)
+    for key, allowed in CHOICES.items():
+        if hasattr(cfg, key) and getattr(cfg, key) not in allowed:
+            raise SettingsError(f"--{key}={getattr(cfg, key)!r}: expected one of {', '.join(allowed)}")
+    return cfg
+
+
+def to_dict(cfg):
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,102 @@
+"""The built-in demo: a synthetic preference task, its word-level tokenizer and a tiny Llama.
+
+The task (seeded, generated here, no download):
+- The response vocabulary is split into `n_clusters` clusters of `words_per_cluster` words.
+  Cluster c has a hidden quality c (0 = worst). Inside a cluster, word frequencies follow a
+  Zipf law: a few head words are common, the tail words are rare.
+- A response picks one cluster and draws `response_length` words from it (Zipf weights).
+- A pair holds two responses from two different clusters; the response from the cluster of
+  higher quality is preferred. The prompt is a few topic words that do not matter.
+
+Why unlabeled pairs help: with few labels a model learns the head words of each cluster,
+but rarely sees the tail words. In the unlabeled pool, tail words share responses with head
+words of their own cluster; a confident pseudo-label (decided by the head words) then teaches
+the tail words' quality, and the next round is confident on responses the last one was not.
+That is the cluster assumption that self-training relies on, made explicit.
+"""
+import numpy as np
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
+
+SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
+TEMPLATE_WORDS = ["[CONTEXT]", "[RESPONSE", "A]", "B]", "<turn>", "user", "assistant", "system", "A", "B",
+                  "<|im_start|>", "<|im_end|>"]
+N_TOPICS = 16
+N_CLUSTERS = 8
+WORDS_PER_CLUSTER = 24
+# A chat template whose markers stand alone between spaces, so the word-level tokenizer keeps them.
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m['role'] }} \n{{ m['content'] }} <|im_end|> \n"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant \n{% endif %}")
+
+
+def words():
+    return ([f"t{i}" for i in range(N_TOPICS)] +
+            [f"w{i}" for i in range(N_CLUSTERS * WORDS_PER_CLUSTER)])
+
+
+def build_tokenizer(chat=False):
+    """A fast word-level tokenizer over the template and task words (whitespace split)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {w: i for i, w in enumerate(SPECIALS + TEMPLATE_WORDS + words())}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+                                        bos_token="<s>", eos_token="</s>")
+    if chat:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_model(model_type, tokenizer, hidden_size=64, layers=2):
+    """A tiny Llama (random init from torch's current seed) for the toy tokenizer."""
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         tie_word_embeddings=False, num_labels=1)
+    return (LlamaForCausalLM if model_type == "pm" else LlamaForSequenceClassification)(config)
+
+
+# ----------------------------------------------------------------------------- the task
+
+def cluster_of_word(seed):
+    """word index -> cluster, a seeded shuffle so clusters are not contiguous ids."""
+    rng = np.random.default_rng([seed, 0])
+    return rng.permutation(N_CLUSTERS * WORDS_PER_CLUSTER) // WORDS_PER_CLUSTER
+
+
+def make_pairs(seed, n, response_length=6, zipf=1.2, stream=1):
+    """n labeled pairs {prompt, chosen, rejected} of the task with this seed (see the module
+    docstring). `stream` picks an independent sample from the same task."""
+    rng = np.random.default_rng([seed, stream])
+    clusters = cluster_of_word(seed)
+    members = [np.flatnonzero(clusters == c) for c in range(N_CLUSTERS)]
+    weights = 1.0 / np.arange(1, WORDS_PER_CLUSTER + 1) ** zipf
+    weights /= weights.sum()
+    rows = []
+    for _ in range(n):
+        c1, c2 = rng.choice(N_CLUSTERS, size=2, replace=False)
+        good, bad = max(c1, c2), min(c1, c2)
+        prompt = " ".join(f"t{t}" for t in rng.integers(0, N_TOPICS, size=3))
+        chosen, rejected = (" ".join(f"w{w}" for w in rng.choice(members[c], size=response_length, p=weights))
+                            for c in (good, bad))
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def quality(response, seed):
+    """The hidden rule: a response's quality is the cluster of its words (all share one)."""
+    clusters = cluster_of_word(seed)
+    found = {int(clusters[int(w[1:])]) for w in response.split()}
+    assert len(found) == 1, "a toy response draws all its words from one cluster"
+    return found.pop()
+
+
+def as_unlabeled(rows, seed):
+    """Pool rows {prompt, response_a, response_b, label}: the chosen side placed at random;
+    `label` is gold, kept for reporting only."""
+    rng = np.random.default_rng([seed, 99])
+    out = []
+    for row, swap in zip(rows, rng.random(len(rows)) < 0.5):
+        a, b = (row["rejected"], row["chosen"]) if swap else (row["chosen"], row["rejected"])
+        out.append({"prompt": row["prompt"], "response_a": a, "response_b": b, "label": "b" if swap else "a"})
+    return out

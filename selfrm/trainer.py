@@ -1,0 +1,246 @@
+"""The training loop: AdamW, warm-up + decay, gradient accumulation, clipping, autocast
+(+ GradScaler for fp16), DDP, logging, resumable checkpoints, and the final save.
+
+Every rank computes the same plan of global batches from (seed, epoch), takes its strided
+share of each, and splits that into micro-batches. Each micro-batch's loss is
+sum(per-pair losses) * world_size / (pairs in the global batch): after DDP averages the
+gradients over ranks, the step sees exactly the mean over the global batch, whatever the
+number of ranks, micro-batches, or the size of the last batch.
+"""
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from selfrm import dist
+from selfrm.data import collate_pm, collate_rm, example_length
+from selfrm.files import atomic_dir, atomic_path
+from selfrm.losses import pairwise_loss, srm_loss
+from selfrm.modeling import inner, save_model
+
+
+# ----------------------------------------------------------------------------- plan and schedule
+
+def global_batches(lengths, cfg, world, epoch):
+    """The global batches of one epoch (lists of example indices), the same on every rank. A
+    last batch with fewer pairs than ranks is dropped: every rank needs one to step."""
+    order = np.random.default_rng([cfg.seed, epoch]).permutation(len(lengths))
+    batches = [order[i:i + cfg.global_batch_size] for i in range(0, len(order), cfg.global_batch_size)]
+    batches = [b for b in batches if len(b) >= world.world_size]
+    if cfg.group_by_length:  # similar lengths side by side: less padding, same sum over the batch
+        batches = [b[np.argsort([lengths[i] for i in b], kind="stable")] for b in batches]
+    return batches
+
+
+def micro_batches(global_batch, cfg, world):
+    """This rank's micro-batches of one global batch."""
+    mine = global_batch[world.rank::world.world_size]
+    return [mine[i:i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
+
+
+def lr_at(step, total_steps, cfg):
+    """Linear warm-up to cfg.lr, then cosine or linear decay to 0 (or constant)."""
+    warmup = min(cfg.warmup_steps, total_steps)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.schedule == "linear":
+        return cfg.lr * (1 - progress)
+    return cfg.lr
+
+
+def autocast_dtype(cfg, device):
+    """The autocast dtype, or None for fp32. 'auto' is bf16 on a GPU that has it."""
+    name = cfg.dtype
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[name]
+
+
+# ----------------------------------------------------------------------------- one micro-batch
+
+def pair_losses(model, batch, margin=0.0):
+    """Per-pair losses (B,) and correctness (B,) of one collated batch, for either kind."""
+    if "labels" in batch:  # pm: the label is A or B, the "other" token is the wrong answer
+        label_logits = model(batch["input_ids"], batch["attention_mask"], batch["label_positions"])
+        labels = batch["labels"]
+        other = batch["other_labels"]
+        correct = label_logits.gather(1, labels[:, None]) > label_logits.gather(1, other[:, None])
+        return srm_loss(label_logits, labels), correct.squeeze(1)
+    rewards = model(batch["input_ids"], batch["attention_mask"])
+    chosen_rewards, rejected_rewards = rewards.chunk(2)
+    return pairwise_loss(chosen_rewards, rejected_rewards, batch["margins"] + margin), chosen_rewards > rejected_rewards
+
+
+def backward_global_batch(model, micro, n_global, collate, world, autocast, scaler, margin=0.0):
+    """Forward and backward this rank's micro-batches (lists of examples) of one global batch
+    of n_global pairs; gradients end up as the mean over the global batch. Returns this
+    rank's (loss sum, correct count) as a device tensor: no host sync here."""
+    stats = torch.zeros(2, device=world.device)
+    for k, examples in enumerate(micro):
+        batch = {key: v.to(world.device, non_blocking=True) for key, v in collate(examples).items()}
+        # gradients are all-reduced only on the last micro-step of the step
+        sync = nullcontext() if (not world.ddp or k == len(micro) - 1) else model.no_sync()
+        with sync:
+            with autocast:
+                losses, correct = pair_losses(model, batch, margin)
+            scaler.scale(losses.sum() * world.world_size / n_global).backward()
+        stats += torch.stack([losses.detach().sum(), correct.sum().float()])
+    return stats
+
+
+def make_collate(model_type, tokenizer, label_ids):
+    pad_id = tokenizer.pad_token_id
+    if model_type == "rm":
+        return lambda examples: collate_rm(examples, pad_id)
+    a, b = label_ids["A"], label_ids["B"]
+
+    def collate(examples):
+        batch = collate_pm(examples, pad_id)
+        batch["other_labels"] = torch.where(batch["labels"] == a, b, a)
+        return batch
+    return collate
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path, raw_model, optimizer, scaler, step, world):
+    """Trainable weights, optimizer and scaler state, step, and every rank's RNG state,
+    written whole or not at all (plain tensors and numbers: loads with weights_only=True)."""
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0, dtype=torch.uint8)
+    states = dist.gather_shards([(rng, cuda_rng)], world)
+    if not world.master:
+        return
+    trainable = {n: p.detach().cpu() for n, p in raw_model.named_parameters() if p.requires_grad}
+    with atomic_dir(path) as tmp:
+        torch.save({"model": trainable, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                    "step": step, "rng": [s[0] for s in states], "cuda_rng": [s[1] for s in states]},
+                   os.path.join(tmp, "state.pt"))
+
+
+def load_checkpoint(path, raw_model, optimizer, scaler, world):
+    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
+    if len(state["rng"]) != world.world_size:
+        raise ValueError(f"{path}: saved by {len(state['rng'])} ranks, resumed with {world.world_size}")
+    missing = raw_model.load_state_dict(state["model"], strict=False).unexpected_keys
+    if missing:
+        raise ValueError(f"{path}: checkpoint weights {missing[:3]} do not belong to this model")
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"][world.rank])
+    if torch.cuda.is_available() and state["cuda_rng"][world.rank].numel():
+        torch.cuda.set_rng_state(state["cuda_rng"][world.rank])
+    return state["step"]
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def train(cfg, model, tokenizer, examples, run_dir, world, settings, label_ids=None, desc="train"):
+    """Train `model` (a PreferenceModel or RewardModel) on encoded `examples`; save the final
+    model to run_dir/model and return a summary. Resumes from run_dir/checkpoint when there."""
+    device = world.device
+    raw_model = model.to(device)
+    if cfg.gradient_checkpointing:
+        raw_model.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None) if world.ddp else raw_model
+    params = [p for p in raw_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=device.type == "cuda")
+    amp_dtype = autocast_dtype(cfg, device)
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    collate = make_collate(cfg.model_type, tokenizer, label_ids)
+    lengths = [example_length(e) for e in examples]
+    tokens_of = [len(e["input_ids"]) if "input_ids" in e else len(e["chosen_ids"]) + len(e["rejected_ids"])
+                 for e in examples]
+
+    steps_per_epoch = len(global_batches(lengths, cfg, world, 0))
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps > 0:
+        total_steps = min(total_steps, cfg.max_steps)
+    if total_steps == 0:
+        raise ValueError(f"{desc}: {len(examples)} pairs make no global batch of {world.world_size}+ pairs")
+
+    ckpt_dir, log_path = os.path.join(run_dir, "checkpoint"), os.path.join(run_dir, "train_log.jsonl")
+    step = 0
+    if os.path.exists(os.path.join(ckpt_dir, "state.pt")):
+        step = load_checkpoint(ckpt_dir, raw_model, optimizer, scaler, world)
+        dist.print0(f"{desc}: resumed from {ckpt_dir} at step {step}/{total_steps}")
+    log_rows = _read_log(log_path, step)
+
+    # -------------------------------------------------------------------------- loop
+    bar = tqdm(total=total_steps, initial=step, desc=desc, disable=not world.master, dynamic_ncols=True, leave=False)
+    window = torch.zeros(2, device=device)  # loss sum, correct count of this rank since the last log
+    window_pairs = window_tokens = 0
+    t_window = time.time()
+    batches, batches_epoch = None, -1
+    while step < total_steps:
+        epoch, index = divmod(step, steps_per_epoch)
+        if epoch != batches_epoch:
+            batches, batches_epoch = global_batches(lengths, cfg, world, epoch), epoch
+        global_batch = batches[index]
+        window += backward_global_batch(model, [[examples[i] for i in idx] for idx in micro_batches(global_batch, cfg, world)],
+                                        len(global_batch), collate, world, autocast, scaler, cfg.margin)
+        lr = lr_at(step, total_steps, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window_pairs += len(global_batch)
+        window_tokens += sum(tokens_of[i] for i in global_batch)
+        bar.update(1)
+
+        if step % cfg.log_every == 0 or step == total_steps:  # the only host sync of the loop
+            loss_sum, correct_sum = dist.all_reduce_sum(window.clone()).tolist()
+            elapsed = time.time() - t_window
+            row = {"step": step, "epoch": epoch, "loss": loss_sum / window_pairs, "accuracy": correct_sum / window_pairs,
+                   "lr": lr, "pairs_per_s": window_pairs / elapsed, "tokens_per_s": window_tokens / elapsed}
+            log_rows.append(row)
+            if world.master:
+                bar.write(f"{desc} step {step:5d}/{total_steps} | loss {row['loss']:.4f} | acc {row['accuracy']:.3f} "
+                          f"| lr {lr:.2e} | {row['pairs_per_s']:.1f} pairs/s | {row['tokens_per_s']:.0f} tok/s")
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            window.zero_()
+            window_pairs = window_tokens = 0
+            t_window = time.time()
+        if cfg.save_every > 0 and step % cfg.save_every == 0 and step < total_steps:
+            save_checkpoint(ckpt_dir, raw_model, optimizer, scaler, step, world)
+    bar.close()
+
+    # -------------------------------------------------------------------------- save
+    if world.master:
+        save_model(raw_model, tokenizer, os.path.join(run_dir, "model"), settings, cfg.save_adapter_only)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    dist.barrier()
+    last = log_rows[-1] if log_rows else {}
+    return {"steps": total_steps, "pairs": len(examples), "train_loss": last.get("loss"),
+            "train_accuracy": last.get("accuracy")}
+
+
+def _read_log(path, step):
+    """Log rows up to `step` (a resumed run rewrites what came after its checkpoint)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    rows = [r for r in rows if r["step"] <= step]
+    if dist.is_master():
+        with atomic_path(path) as tmp, open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    return rows

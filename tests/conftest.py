@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny toy models saved as plain HF folders, and small data files."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from selfrm import toy  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+def save_toy(folder, model_type, chat=False, seed=0, hidden_size=32):
+    torch.manual_seed(seed)
+    tokenizer = toy.build_tokenizer(chat=chat)
+    model = toy.build_model(model_type, tokenizer, hidden_size=hidden_size)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def pm_folder(tmp_path_factory):
+    return save_toy(tmp_path_factory.mktemp("pm"), "pm")
+
+
+@pytest.fixture(scope="session")
+def rm_folder(tmp_path_factory):
+    return save_toy(tmp_path_factory.mktemp("rm"), "rm")
+
+
+@pytest.fixture(scope="session")
+def toy_files(tmp_path_factory):
+    """train (400 pairs) and eval (200 pairs) files of the toy task."""
+    folder = tmp_path_factory.mktemp("data")
+    rows = toy.make_pairs(0, 600)
+    return write_jsonl(folder / "train.jsonl", rows[:400]), write_jsonl(folder / "eval.jsonl", rows[400:])
