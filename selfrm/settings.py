@@ -114,8 +114,8 @@ CHOICES = {
 
 # ----------------------------------------------------------------------------- parsing
 
-def _coerce(key, text, typ):
-    if isinstance(text, str) and typ is not str:
+def _coerce(key, text, typ, from_flag):
+    if from_flag and typ is not str:
         low = text.strip().lower()
         if typ is bool:
             if low in ("true", "1", "yes"):
@@ -165,13 +165,13 @@ def parse_args(cls, argv=None):
                 raise SettingsError(f"--config={text}: {e}") from None
             if not isinstance(loaded, dict):
                 raise SettingsError(f"--config={text}: expected a JSON object of settings")
-            items = loaded.items()
+            items, from_flag = loaded.items(), False
         else:
-            items = [(key, text)]
+            items, from_flag = [(key, text)], True
         for k, v in items:
             if k not in fields:
                 raise SettingsError(f"unknown setting {k!r} for {cls.__name__} (see --help)")
-            values[k] = _coerce(k, v, fields[k])
+            values[k] = _coerce(k, v, fields[k], from_flag)
     return make(cls, **values)
 
 

@@ -1,0 +1,205 @@
+"""train.py end to end: settings, bad input, save/reload, resume, DDP, learnability."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from conftest import ROOT, write_jsonl
+from selfrm import trainer
+from selfrm.data import DataError, load_pairs
+from selfrm.settings import SettingsError, TrainSettings, make, parse_args
+
+FAST = dict(lr=2e-3, warmup_steps=2, global_batch_size=16, micro_batch_size=8, log_every=5)
+
+
+def run(tmp_path, name, **overrides):
+    cfg = make(TrainSettings, out_dir=str(tmp_path / name), **{**FAST, **overrides})
+    return cfg, train.main(cfg)
+
+
+def weights(out_dir):
+    return load_file(os.path.join(out_dir, "model", "model.safetensors"))
+
+
+# ----------------------------------------------------------------------------- settings
+
+def test_settings_flags_config_file_and_errors(tmp_path):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"lr": 1e-4, "lora": True, "epochs": 2}))
+    cfg = parse_args(TrainSettings, ["--model_type=rm", f"--config={config}", "--epochs=3", "--margin=0.5"])
+    assert (cfg.model_type, cfg.lr, cfg.lora, cfg.epochs, cfg.margin) == ("rm", 1e-4, True, 3, 0.5)
+    with pytest.raises(SettingsError, match="unknown setting 'learning_rate'"):
+        parse_args(TrainSettings, ["--learning_rate=1"])
+    with pytest.raises(SettingsError, match="--epochs: expected int, got 'two'"):
+        parse_args(TrainSettings, ["--epochs=two"])
+    with pytest.raises(SettingsError, match="--lora: expected true or false"):
+        parse_args(TrainSettings, ["--lora=maybe"])
+    with pytest.raises(SettingsError, match="--model_type='pairwise': expected one of pm, rm"):
+        parse_args(TrainSettings, ["--model_type=pairwise"])
+    config.write_text(json.dumps({"epochs": "2"}))
+    with pytest.raises(SettingsError, match="epochs: expected int, got str"):
+        parse_args(TrainSettings, [f"--config={config}"])
+
+
+# ----------------------------------------------------------------------------- bad input
+
+GOOD = {"prompt": "t1", "chosen": "w1", "rejected": "w2"}
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", r"bad\.jsonl:3: not valid JSON"),
+    (json.dumps({"prompt": "t1", "chosen": "w1"}), r"bad\.jsonl:3: field 'rejected' is missing"),
+    (json.dumps({**GOOD, "chosen": "  "}), r"bad\.jsonl:3: field 'chosen' is empty"),
+    (json.dumps({**GOOD, "rejected": 5}), r"bad\.jsonl:3: field 'rejected' must be a string, got int"),
+    (json.dumps({**GOOD, "prompt": [{"role": "bot", "content": "x"}]}), r"bad\.jsonl:3: field 'prompt\[0\]'"),
+    (json.dumps({**GOOD, "prompt": []}), r"bad\.jsonl:3: field 'prompt' must be"),
+    (json.dumps({**GOOD, "margin": "big"}), r"bad\.jsonl:3: field 'margin' must be a number"),
+    (json.dumps([1, 2]), r"bad\.jsonl:3: expected a JSON object, got list"),
+])
+def test_bad_lines_name_file_line_and_field(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + json.dumps(GOOD) + "\n" + line + "\n")
+    with pytest.raises(DataError, match=message):
+        load_pairs(str(path))
+
+
+def test_bad_input_stops_before_training_and_writes_nothing(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(GOOD) * 1 + "\n" + json.dumps({"prompt": "t1"}) + "\n")
+    with pytest.raises(DataError, match="bad.jsonl:2: field 'chosen' is missing"):
+        train.main(make(TrainSettings, train_file=str(path), out_dir=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
+
+
+def test_chat_rows_and_extra_fields_are_read(tmp_path):
+    path = write_jsonl(tmp_path / "chat.jsonl", [
+        {"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
+         "chosen": {"role": "assistant", "content": "c"}, "rejected": [{"role": "assistant", "content": "r"}],
+         "margin": 1, "id": 7}])
+    pair = load_pairs(path)[0]
+    assert (pair.prompt[0]["role"], pair.chosen, pair.rejected, pair.margin, pair.extra) == ("system", "c", "r", 1.0, {"id": 7})
+
+
+# ----------------------------------------------------------------------------- learning, saving
+
+@pytest.mark.parametrize("kind", ["pm", "rm"])
+def test_learns_the_toy_rule_and_saves_a_model_plain_transformers_loads(tmp_path, toy_files, pm_folder, rm_folder, kind):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from selfrm.selftrain import train_run
+    from selfrm.dist import Dist
+    train_file, eval_file = toy_files
+    folder = pm_folder if kind == "pm" else rm_folder
+    cfg, record = run(tmp_path, kind, model=folder, model_type=kind, train_file=train_file, eval_file=eval_file,
+                      epochs=6, lr=3e-3, warmup_steps=5)
+    assert record["eval_accuracy"] > 0.8, record  # chance is 0.5
+    manifest = json.load(open(os.path.join(cfg.out_dir, "manifest.json")))
+    assert manifest["final_model"] == "model" and manifest["rounds"][0]["eval_accuracy"] == record["eval_accuracy"]
+    saved = json.load(open(os.path.join(cfg.out_dir, "model", "settings.json")))
+    assert saved["model_type"] == kind and saved["lr"] == 3e-3
+    # the in-memory trained model and plain transformers' reload score identically
+    model, tok, _ = train_run(cfg, Dist(), load_pairs(train_file), cfg.out_dir, folder)
+    plain = (AutoModelForCausalLM if kind == "pm" else AutoModelForSequenceClassification).from_pretrained(
+        os.path.join(cfg.out_dir, "model"))
+    ids = torch.tensor([tok.encode("[CONTEXT] t1 [RESPONSE A] w1 w2 [RESPONSE B] w3 w4")])
+    with torch.no_grad():
+        if kind == "pm":
+            ours = model(ids, torch.ones_like(ids), torch.tensor([ids.shape[1] - 1]))
+            theirs = plain(ids).logits[:, -1]
+        else:
+            ours, theirs = model(ids, torch.ones_like(ids)), plain(ids).logits[:, 0]
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_rm_trains_the_score_head_and_saves_merged(tmp_path, toy_files, rm_folder):
+    train_file, _ = toy_files
+    cfg, _ = run(tmp_path, "lora", model=rm_folder, model_type="rm", train_file=train_file, lora=True,
+                 max_steps=3, lr=1e-2)
+    before, after = load_file(os.path.join(rm_folder, "model.safetensors")), weights(cfg.out_dir)
+    assert set(after) == set(before)  # merged: plain HF keys, no lora_ names
+    assert not torch.equal(after["score.weight"], before["score.weight"])
+    assert not torch.equal(after["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(after["model.layers.0.mlp.up_proj.weight"], before["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_adapter_only_save_reloads(tmp_path, toy_files, rm_folder):
+    from selfrm.modeling import load_model
+    train_file, _ = toy_files
+    cfg, _ = run(tmp_path, "adapter", model=rm_folder, model_type="rm", train_file=train_file, lora=True,
+                 save_adapter_only=True, max_steps=2, lr=1e-2)
+    assert os.path.exists(os.path.join(cfg.out_dir, "model", "adapter_config.json"))
+    model, _ = load_model(cfg, os.path.join(cfg.out_dir, "model"))
+    base, _ = load_model(cfg, rm_folder)
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        assert not torch.allclose(model(ids, torch.ones_like(ids)), base(ids, torch.ones_like(ids)))
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_low_precision_autocast_trains_on_cpu(tmp_path, toy_files, pm_folder, dtype):
+    train_file, _ = toy_files
+    cfg, record = run(tmp_path, dtype, model=pm_folder, train_file=train_file, dtype=dtype, max_steps=4)
+    fp32_cfg, fp32 = run(tmp_path, dtype + "32", model=pm_folder, train_file=train_file, dtype="fp32", max_steps=4)
+    assert record["train_loss"] == pytest.approx(fp32["train_loss"], rel=0.05)
+
+
+# ----------------------------------------------------------------------------- resume
+
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, toy_files, pm_folder, monkeypatch):
+    train_file, _ = toy_files
+    common = dict(model=pm_folder, train_file=train_file, max_steps=7, save_every=2, log_every=1)
+    cfg, _ = run(tmp_path, "straight", **common)
+    reference = weights(cfg.out_dir)
+
+    real_lr_at = trainer.lr_at
+
+    def crash_at_step_5(step, total, c):
+        if step == 5:
+            raise KeyboardInterrupt("killed")
+        return real_lr_at(step, total, c)
+    monkeypatch.setattr(trainer, "lr_at", crash_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "crashed", **common)
+    out = tmp_path / "crashed"
+    assert not (out / "model").exists() and (out / "checkpoint" / "state.pt").exists()
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]  # nothing half-written
+    monkeypatch.setattr(trainer, "lr_at", real_lr_at)
+    run(tmp_path, "crashed", **common)
+    resumed = weights(str(out))
+    assert resumed.keys() == reference.keys()
+    for k in reference:
+        assert torch.equal(resumed[k], reference[k]), k
+    steps = [json.loads(line)["step"] for line in open(out / "train_log.jsonl")]
+    assert steps == list(range(1, 8))  # the log has each step once
+    assert not (out / "checkpoint").exists()
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path, toy_files, pm_folder):
+    train_file, _ = toy_files
+    run(tmp_path, "r", model=pm_folder, train_file=train_file, max_steps=1)
+    with pytest.raises(SystemExit, match=r"other settings \(lr\)"):
+        run(tmp_path, "r", model=pm_folder, train_file=train_file, max_steps=1, lr=1.0)
+
+
+# ----------------------------------------------------------------------------- DDP
+
+def test_two_gloo_ranks_match_one_process(tmp_path, toy_files, pm_folder):
+    train_file, _ = toy_files
+    args = [f"--model={pm_folder}", f"--train_file={train_file}", "--max_steps=4", "--global_batch_size=16",
+            "--micro_batch_size=4", "--lr=2e-3", "--warmup_steps=1", "--log_every=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "train.py", *args, f"--out_dir={tmp_path / 'one'}"], cwd=ROOT, env=env, check=True,
+                   capture_output=True)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                           "train.py", *args, f"--out_dir={tmp_path / 'two'}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = weights(str(tmp_path / "one")), weights(str(tmp_path / "two"))
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
+    logs = [[json.loads(line) for line in open(tmp_path / d / "train_log.jsonl")] for d in ("one", "two")]
+    assert [r["loss"] for r in logs[1]] == pytest.approx([r["loss"] for r in logs[0]], rel=1e-4)
