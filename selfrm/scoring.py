@@ -49,7 +49,8 @@ def score_encoded(model, encoded, pad_id, label_ids, world, batch_size=32, amp_d
         bar.update(len(idx))
         bar.set_postfix(pairs_per_s=f"{(b + len(idx)) / (time.time() - start):.1f}")
     bar.close()
-    merged = np.array(dist.gather_shards([results[i] for i in shard], world), dtype=np.float64).reshape(len(encoded), -1)
+    width = 1 if token_ids is not None else 3
+    merged = np.array(dist.gather_shards([results[i] for i in shard], world), dtype=np.float64).reshape(len(encoded), width)
     out = {"prob_a": merged[:, 0]}
     if token_ids is None:
         out["reward_a"], out["reward_b"] = merged[:, 1], merged[:, 2]

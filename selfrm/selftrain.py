@@ -5,6 +5,7 @@ Layout of --out_dir: a plain training run keeps its model in `model/`; a self-tr
 has one folder per round, `round_K/`, each holding `model/` (when that round trained), the
 labeled pool `pool.jsonl` and its `pool.summary.json`. `manifest.json` names the final model.
 """
+import json
 import os
 import time
 
@@ -12,11 +13,12 @@ import numpy as np
 import torch
 
 from selfrm import dist, settings
-from selfrm.data import Encoder, load_pairs
-from selfrm.files import read_json, write_json
+from selfrm.data import Encoder, Pair, load_pairs
+from selfrm.files import read_json, write_json, write_jsonl
+from selfrm.filters import confidence, confidence_filter, learning_status, pseudo_label
 from selfrm.metrics import accuracy
-from selfrm.modeling import add_lora, load_model
-from selfrm.scoring import score_encoded
+from selfrm.modeling import add_lora, load_model, load_tokenizer
+from selfrm.scoring import score_encoded, sigmoid
 from selfrm.trainer import autocast_dtype, train
 
 # settings that do not change what a run computes: a resumed run may differ in these
@@ -95,3 +97,237 @@ def run_training(cfg, world, pairs, eval_pairs=None):
 
 def load_eval(cfg):
     return load_pairs(cfg.eval_file) if cfg.eval_file else None
+
+
+# ----------------------------------------------------------------------------- relabeling
+
+def check_filter(cfg):
+    if cfg.filter == "status" and cfg.model_type == "pm":
+        raise SystemExit("--filter=status needs a score per response (SER's p = sigmoid(r)); a pairwise "
+                         "model (--model_type=pm) only scores pairs: use --filter=confidence, or --model_type=rm")
+
+
+def encode_pool(cfg, tokenizer, pool):
+    encoder = Encoder(tokenizer, cfg.model_type, cfg.max_length)
+    encoded = encoder.encode_score([u.prompt for u in pool], [u.response_a for u in pool], [u.response_b for u in pool])
+    if encoder.truncated:
+        dist.print0(f"{encoder.truncated} of {2 * len(pool)} pool sequences lost the start of their prompt")
+    return encoded, encoder.label_ids or None
+
+
+def relabel(cfg, world, model, tokenizer, pool, encoded=None):
+    """Score every pair of `pool`, pseudo-label it and apply cfg.filter (SPEC 2-4).
+    Returns (rows, summary): one output row per input row, in input order. Gold labels are
+    read only for the summary's accuracies."""
+    check_filter(cfg)
+    if encoded is None:
+        encoded, label_ids = encode_pool(cfg, tokenizer, pool)
+    else:
+        label_ids = Encoder(tokenizer, cfg.model_type, cfg.max_length).label_ids or None
+    scores = score_encoded(model.to(world.device), encoded, tokenizer.pad_token_id, label_ids, world,
+                           cfg.batch_size, autocast_dtype(cfg, world.device), desc="label")
+    prob_a = scores["prob_a"]
+    labels = pseudo_label(prob_a)
+    gold = np.array([u.gold for u in pool], dtype=object)
+    if cfg.label_source == "gold":  # the SSRM release's filter: not semi-supervised, an explicit option only
+        if any(g is None for g in gold):
+            raise SystemExit("--label_source=gold needs a gold label on every pool row")
+        labels = gold.astype(str)
+    summary = {"rows": len(pool), "filter": cfg.filter}
+    status = None
+    if cfg.filter == "confidence":
+        keep = confidence_filter(prob_a, cfg.threshold)
+        summary["threshold"] = cfg.threshold
+    elif cfg.filter == "status":
+        score_a, score_b = sigmoid(scores["reward_a"]), sigmoid(scores["reward_b"])
+        result = learning_status(score_a, score_b, cfg.tau_high, cfg.tau_low, cfg.tau_delta,
+                                 cfg.status_min_count, cfg.status_min_fraction, cfg.status_mode)
+        keep, status = result.keep, result.status
+        summary.update(status_met=result.met, status1_count=result.status1_count,
+                       status2_count=result.status2_count, status_needed=result.needed)
+    else:
+        keep = np.ones(len(pool), dtype=bool)
+    summary.update(kept=int(keep.sum()), kept_share=float(keep.mean()))
+    summary.update(gold_report(prob_a, labels, gold, keep))
+
+    rows = []
+    for i, u in enumerate(pool):
+        row = {**u.row, "prob_a": float(prob_a[i]), "confidence": float(confidence(prob_a[i])),
+               "pseudo_label": str(labels[i]), "keep": bool(keep[i])}
+        if "reward_a" in scores:
+            row["score_a"], row["score_b"] = float(sigmoid(scores["reward_a"][i])), float(sigmoid(scores["reward_b"][i]))
+        if status is not None:
+            row["status"] = int(status[i]) or None
+        rows.append(row)
+    return rows, summary
+
+
+def gold_report(prob_a, labels, gold, keep):
+    """Pseudo-label accuracy against gold labels, where rows carry them: overall, among kept
+    rows, and per confidence bin (0.5-0.6 ... 0.9-1.0)."""
+    has = np.array([g is not None for g in gold])
+    if not has.any():
+        return {}
+    right = labels == gold
+    conf = confidence(prob_a)
+    bins = {}
+    for k in range(5):
+        lo = 0.5 + k / 10
+        inside = has & (conf >= lo) & ((conf < lo + 0.1) if k < 4 else True)
+        bins[f"{lo:.1f}-{lo + 0.1:.1f}"] = {"n": int(inside.sum()),
+                                           "accuracy": float(right[inside].mean()) if inside.any() else None}
+    kept = has & keep
+    return {"gold_rows": int(has.sum()), "pseudo_label_accuracy": float(right[has].mean()),
+            "pseudo_label_accuracy_kept": float(right[kept].mean()) if kept.any() else None,
+            "accuracy_by_confidence": bins}
+
+
+def as_pairs(rows):
+    """Kept rows as training pairs {prompt, chosen, rejected}, the pseudo-label deciding."""
+    out = []
+    for row in rows:
+        if row["keep"]:
+            a_wins = row["pseudo_label"] == "a"
+            chosen, rejected = (row["response_a"], row["response_b"]) if a_wins else (row["response_b"], row["response_a"])
+            out.append({"prompt": row["prompt"], "chosen": chosen, "rejected": rejected})
+    return out
+
+
+def summary_path(out_file):
+    base = out_file[:-len(".jsonl")] if out_file.endswith(".jsonl") else out_file
+    return base + ".summary.json"
+
+
+# ----------------------------------------------------------------------------- the rounds
+
+def run_self_training(cfg, world, labeled, pool, eval_pairs=None):
+    """Round 0 trains on the labeled set (or takes --model as it is, with
+    --skip_initial_training); each round t = 1..cfg.rounds labels the pool with the last
+    model, filters it and trains again on
+      confidence (SSRM): D_t = labeled + this round's kept pairs, from the whole pool;
+      status (SER):      D_t = labeled + every pair selected so far; selected pairs leave
+                         the pool, and the loop stops when no status is met.
+    A re-run continues after the last finished round (finished rounds are in the manifest)."""
+    check_filter(cfg)
+    check_out_dir(cfg, world)
+    manifest_path = os.path.join(cfg.out_dir, "manifest.json")
+    rounds = read_json(manifest_path)["rounds"] if os.path.exists(manifest_path) else []
+    model = tokenizer = None
+    if not rounds:  # ------------------------------------------------ round 0: the seed model
+        start = time.time()
+        if cfg.skip_initial_training:
+            model, tokenizer = load_model(cfg)
+            record = {"round": 0, "train_size": 0, "pseudo_labeled": 0, "pseudo_labeled_share": 0.0}
+        else:
+            model, tokenizer, summary = train_run(cfg, world, labeled, round_dir(cfg, 0), cfg.model, 0)
+            record = {"round": 0, "train_size": len(labeled), "pseudo_labeled": 0, "pseudo_labeled_share": 0.0,
+                      "model": "round_0/model", "train_loss": summary.get("train_loss")}
+        finish_round(cfg, world, rounds, record, model, tokenizer, eval_pairs, start)
+
+    tokenizer = tokenizer or load_tokenizer(cfg)
+    encoded, _ = encode_pool(cfg, tokenizer, pool)  # once: the pool's text does not change between rounds
+    selected = {}  # SER: pool index -> pseudo-label, accumulated over rounds
+    for t in range(1, cfg.rounds + 1):
+        if rounds[-1].get("status") == "converged":
+            break
+        pool_file = os.path.join(round_dir(cfg, t), "pool.jsonl")
+        if t < len(rounds):  # finished earlier: only rebuild what it selected
+            if cfg.filter == "status":
+                selected.update(read_selected(pool_file))
+            continue
+        start = time.time()
+        remaining = [i for i in range(len(pool)) if i not in selected]
+        if os.path.exists(pool_file):  # labeled before a crash: the same labels again
+            rows, summary = read_jsonl(pool_file), read_json(summary_path(pool_file))
+        else:
+            if model is None:
+                model = load_model(cfg, last_model(cfg, rounds), tokenizer)[0]
+            rows, summary = relabel(cfg, world, model, tokenizer, [pool[i] for i in remaining],
+                                    [encoded[i] for i in remaining])
+            for row, i in zip(rows, remaining):
+                row["pool_index"] = i
+            if world.master:
+                write_jsonl(pool_file, rows)
+                write_json(summary_path(pool_file), summary)
+        record = {"round": t, "pool_size": len(remaining), "kept": summary["kept"],
+                  "pool_accuracy": summary.get("pseudo_label_accuracy")}
+        if cfg.filter == "status":
+            record["status"] = summary["status_met"]
+            if summary["status_met"] == "converged":  # recorded, and no new model
+                finish_round(cfg, world, rounds, record, None, tokenizer, None, start)
+                break
+            selected.update(read_selected(rows))
+            pseudo = selected
+        else:
+            pseudo = {row["pool_index"]: row["pseudo_label"] for row in rows if row["keep"]}
+        train_pairs = labeled + [pool_pair(pool[i], label) for i, label in sorted(pseudo.items())]
+        golds = [pool[i].gold == label for i, label in pseudo.items() if pool[i].gold is not None]
+        record.update(train_size=len(train_pairs), pseudo_labeled=len(pseudo),
+                      pseudo_labeled_share=len(pseudo) / max(1, len(train_pairs)),
+                      pseudo_label_accuracy=float(np.mean(golds)) if golds else None)
+        source = cfg.model if cfg.init_from == "base" else last_model(cfg, rounds)
+        model, tokenizer, summary = train_run(cfg, world, train_pairs, round_dir(cfg, t), source, t)
+        record.update(model=f"round_{t}/model", train_loss=summary.get("train_loss"))
+        finish_round(cfg, world, rounds, record, model, tokenizer, eval_pairs, start)
+    print_table(rounds)
+    return rounds
+
+
+def round_dir(cfg, t):
+    return os.path.join(cfg.out_dir, f"round_{t}")
+
+
+def last_model(cfg, rounds):
+    """The newest trained model: a round's model folder, or --model itself."""
+    for record in reversed(rounds):
+        if "model" in record:
+            return os.path.join(cfg.out_dir, record["model"])
+    return cfg.model
+
+
+
+def pool_pair(u, label):
+    chosen, rejected = (u.response_a, u.response_b) if label == "a" else (u.response_b, u.response_a)
+    return Pair(u.prompt, chosen, rejected)
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def read_selected(rows_or_path):
+    rows = read_jsonl(rows_or_path) if isinstance(rows_or_path, str) else rows_or_path
+    return {row["pool_index"]: row["pseudo_label"] for row in rows if row["keep"]}
+
+
+def finish_round(cfg, world, rounds, record, model, tokenizer, eval_pairs, start):
+    """Evaluate, time and record a round; the manifest is rewritten after every round."""
+    if eval_pairs and model is not None:
+        record["eval_accuracy"] = eval_accuracy(cfg, world, model, tokenizer, eval_pairs)
+    record["seconds"] = time.time() - start
+    rounds.append(record)
+    if world.master:
+        write_json(os.path.join(cfg.out_dir, "manifest.json"),
+                   {"final_model": os.path.relpath(last_model(cfg, rounds), cfg.out_dir), "rounds": rounds})
+    summary = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
+                        if k in ("train_size", "kept", "status", "pseudo_label_accuracy", "eval_accuracy"))
+    dist.print0(f"round {record['round']} done in {record['seconds']:.0f}s: {summary}")
+
+
+COLUMNS = [("round", "round", "{}"), ("train_size", "train", "{}"), ("pseudo_labeled_share", "pseudo share", "{:.3f}"),
+           ("kept", "kept", "{}"), ("status", "status", "{}"), ("pseudo_label_accuracy", "pseudo acc", "{:.4f}"),
+           ("eval_accuracy", "eval acc", "{:.4f}"), ("seconds", "seconds", "{:.0f}")]
+
+
+def format_table(rounds):
+    cols = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rounds)]
+    lines = ["| " + " | ".join(name for _, name, _ in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rounds:
+        cells = [fmt.format(r[key]) if r.get(key) is not None else "" for key, _, fmt in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def print_table(rounds):
+    dist.print0("\n" + format_table(rounds))

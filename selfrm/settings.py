@@ -11,6 +11,7 @@ import json
 import re
 import sys
 from dataclasses import dataclass
+from typing import ClassVar
 
 
 class SettingsError(ValueError):
@@ -49,6 +50,7 @@ class FilterSettings:
 
 @dataclass
 class TrainSettings(ModelSettings, FilterSettings):
+    choices: ClassVar[dict] = {"model_type": ("pm", "rm")}  # training needs to know the kind
     train_file: str = ""  # labeled pairs; empty = the built-in toy task (with --model=toy)
     eval_file: str = ""  # labeled pairs scored after each round
     out_dir: str = "runs/demo"  # run folder: model/, settings.json, manifest.json, logs
@@ -85,6 +87,7 @@ class TrainSettings(ModelSettings, FilterSettings):
 
 @dataclass
 class LabelSettings(ModelSettings, FilterSettings):
+    model_type: str = "auto"  # auto: from the model's settings.json or architecture; pm | rm overrides
     unlabeled_file: str = ""  # input pool {prompt, response_a, response_b, ...}
     out_file: str = ""  # output JSONL; a summary goes to <out_file minus .jsonl>.summary.json
     emit: str = "rows"  # rows: every input row plus scores | pairs: kept rows as {prompt, chosen, rejected}
@@ -92,6 +95,7 @@ class LabelSettings(ModelSettings, FilterSettings):
 
 @dataclass
 class EvalSettings(ModelSettings):
+    model_type: str = "auto"  # auto: from the model's settings.json or architecture; pm | rm overrides
     eval_file: str = ""  # labeled pairs {prompt, chosen, rejected, [subset], [id]}
     out_file: str = ""  # metrics JSON (empty = print only)
     predictions_file: str = ""  # one row per pair: id, subset, prob_chosen, correct
@@ -100,7 +104,7 @@ class EvalSettings(ModelSettings):
 
 
 CHOICES = {
-    "model_type": ("pm", "rm"),
+    "model_type": ("auto", "pm", "rm"),
     "dtype": ("auto", "bf16", "fp16", "fp32"),
     "format": ("auto", "jsonl", "hh", "sharegpt", "stack_exchange"),
     "filter": ("confidence", "status", "none"),
@@ -178,7 +182,7 @@ def parse_args(cls, argv=None):
 def make(cls, **values):
     """Build settings in code (tests, the self-training loop), with the same checks as flags."""
     cfg = cls(**values)
-    for key, allowed in CHOICES.items():
+    for key, allowed in {**CHOICES, **getattr(cls, "choices", {})}.items():
         if hasattr(cfg, key) and getattr(cfg, key) not in allowed:
             raise SettingsError(f"--{key}={getattr(cfg, key)!r}: expected one of {', '.join(allowed)}")
     return cfg

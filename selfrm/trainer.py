@@ -113,19 +113,20 @@ def make_collate(model_type, tokenizer, label_ids):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(path, raw_model, optimizer, scaler, step, world):
-    """Trainable weights, optimizer and scaler state, step, and every rank's RNG state,
-    written whole or not at all (plain tensors and numbers: loads with weights_only=True)."""
-    rng = torch.get_rng_state()
+def save_checkpoint(path, raw_model, optimizer, scaler, step, world, window):
+    """Trainable weights, optimizer and scaler state, step, every rank's RNG state and open
+    log window, written whole or not at all (plain tensors and numbers: loads with
+    weights_only=True)."""
     cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0, dtype=torch.uint8)
-    states = dist.gather_shards([(rng, cuda_rng)], world)
+    per_rank = dist.gather_shards([(torch.get_rng_state(), cuda_rng, window["sums"].cpu())], world)
     if not world.master:
         return
     trainable = {n: p.detach().cpu() for n, p in raw_model.named_parameters() if p.requires_grad}
     with atomic_dir(path) as tmp:
         torch.save({"model": trainable, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                    "step": step, "rng": [s[0] for s in states], "cuda_rng": [s[1] for s in states]},
-                   os.path.join(tmp, "state.pt"))
+                    "step": step, "rng": [r[0] for r in per_rank], "cuda_rng": [r[1] for r in per_rank],
+                    "window_sums": [r[2] for r in per_rank], "window_pairs": window["pairs"],
+                    "window_tokens": window["tokens"]}, os.path.join(tmp, "state.pt"))
 
 
 def load_checkpoint(path, raw_model, optimizer, scaler, world):
@@ -140,7 +141,9 @@ def load_checkpoint(path, raw_model, optimizer, scaler, world):
     torch.set_rng_state(state["rng"][world.rank])
     if torch.cuda.is_available() and state["cuda_rng"][world.rank].numel():
         torch.cuda.set_rng_state(state["cuda_rng"][world.rank])
-    return state["step"]
+    window = {"sums": state["window_sums"][world.rank].to(world.device), "pairs": state["window_pairs"],
+              "tokens": state["window_tokens"]}
+    return state["step"], window
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -172,16 +175,17 @@ def train(cfg, model, tokenizer, examples, run_dir, world, settings, label_ids=N
         raise ValueError(f"{desc}: {len(examples)} pairs make no global batch of {world.world_size}+ pairs")
 
     ckpt_dir, log_path = os.path.join(run_dir, "checkpoint"), os.path.join(run_dir, "train_log.jsonl")
+    os.makedirs(run_dir, exist_ok=True)
     step = 0
+    # this rank's loss sum and correct count, and the global batch's pairs and tokens, since the last log
+    window = {"sums": torch.zeros(2, device=device), "pairs": 0, "tokens": 0}
     if os.path.exists(os.path.join(ckpt_dir, "state.pt")):
-        step = load_checkpoint(ckpt_dir, raw_model, optimizer, scaler, world)
+        step, window = load_checkpoint(ckpt_dir, raw_model, optimizer, scaler, world)
         dist.print0(f"{desc}: resumed from {ckpt_dir} at step {step}/{total_steps}")
     log_rows = _read_log(log_path, step)
 
     # -------------------------------------------------------------------------- loop
     bar = tqdm(total=total_steps, initial=step, desc=desc, disable=not world.master, dynamic_ncols=True, leave=False)
-    window = torch.zeros(2, device=device)  # loss sum, correct count of this rank since the last log
-    window_pairs = window_tokens = 0
     t_window = time.time()
     batches, batches_epoch = None, -1
     while step < total_steps:
@@ -189,7 +193,7 @@ def train(cfg, model, tokenizer, examples, run_dir, world, settings, label_ids=N
         if epoch != batches_epoch:
             batches, batches_epoch = global_batches(lengths, cfg, world, epoch), epoch
         global_batch = batches[index]
-        window += backward_global_batch(model, [[examples[i] for i in idx] for idx in micro_batches(global_batch, cfg, world)],
+        window["sums"] += backward_global_batch(model, [[examples[i] for i in idx] for idx in micro_batches(global_batch, cfg, world)],
                                         len(global_batch), collate, world, autocast, scaler, cfg.margin)
         lr = lr_at(step, total_steps, cfg)
         for group in optimizer.param_groups:
@@ -201,26 +205,25 @@ def train(cfg, model, tokenizer, examples, run_dir, world, settings, label_ids=N
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        window_pairs += len(global_batch)
-        window_tokens += sum(tokens_of[i] for i in global_batch)
+        window["pairs"] += len(global_batch)
+        window["tokens"] += sum(tokens_of[i] for i in global_batch)
         bar.update(1)
 
         if step % cfg.log_every == 0 or step == total_steps:  # the only host sync of the loop
-            loss_sum, correct_sum = dist.all_reduce_sum(window.clone()).tolist()
-            elapsed = time.time() - t_window
-            row = {"step": step, "epoch": epoch, "loss": loss_sum / window_pairs, "accuracy": correct_sum / window_pairs,
-                   "lr": lr, "pairs_per_s": window_pairs / elapsed, "tokens_per_s": window_tokens / elapsed}
+            loss_sum, correct_sum = dist.all_reduce_sum(window["sums"].clone()).tolist()
+            elapsed, pairs = time.time() - t_window, window["pairs"]
+            row = {"step": step, "epoch": epoch, "loss": loss_sum / pairs, "accuracy": correct_sum / pairs,
+                   "lr": lr, "pairs_per_s": pairs / elapsed, "tokens_per_s": window["tokens"] / elapsed}
             log_rows.append(row)
             if world.master:
                 bar.write(f"{desc} step {step:5d}/{total_steps} | loss {row['loss']:.4f} | acc {row['accuracy']:.3f} "
                           f"| lr {lr:.2e} | {row['pairs_per_s']:.1f} pairs/s | {row['tokens_per_s']:.0f} tok/s")
                 with open(log_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
-            window.zero_()
-            window_pairs = window_tokens = 0
+            window = {"sums": torch.zeros(2, device=device), "pairs": 0, "tokens": 0}
             t_window = time.time()
         if cfg.save_every > 0 and step % cfg.save_every == 0 and step < total_steps:
-            save_checkpoint(ckpt_dir, raw_model, optimizer, scaler, step, world)
+            save_checkpoint(ckpt_dir, raw_model, optimizer, scaler, step, world, window)
     bar.close()
 
     # -------------------------------------------------------------------------- save

@@ -1,0 +1,49 @@
+"""Pseudo-label a file of unlabeled pairs with a trained reward model, and filter them.
+
+    python label.py --model=D/model --unlabeled_file=U.jsonl --out_file=L.jsonl \
+        [--filter=confidence|status|none] [--threshold=0.8] [--emit=rows|pairs]
+
+Each output row is the input row plus prob_a, confidence, pseudo_label and keep (and for a
+scalar model score_a, score_b, and with --filter=status the status that selected it).
+--emit=pairs writes the kept rows as {prompt, chosen, rejected} instead: training data.
+A summary goes to stdout and to L.summary.json. Works under torchrun (sharded scoring).
+"""
+import json
+import sys
+
+from selfrm import dist
+from selfrm.data import DataError, load_unlabeled
+from selfrm.files import write_json, write_jsonl
+from selfrm.modeling import load_model, model_type_of
+from selfrm.selftrain import as_pairs, relabel, summary_path
+from selfrm.settings import LabelSettings, SettingsError, parse_args
+
+
+def main(cfg):
+    if not cfg.unlabeled_file or not cfg.out_file:
+        raise SettingsError("--unlabeled_file and --out_file are required")
+    # ---------------------------------------------------------------- settings and data
+    if cfg.model_type == "auto":
+        cfg.model_type = model_type_of(cfg.model) or "pm"
+    pool = load_unlabeled(cfg.unlabeled_file)
+    # ---------------------------------------------------------------- init, model
+    world = dist.compute_init()
+    try:
+        model, tokenizer = load_model(cfg)
+        # ------------------------------------------------------------ score, filter
+        rows, summary = relabel(cfg, world, model, tokenizer, pool)
+        # ------------------------------------------------------------ write
+        if world.master:
+            write_jsonl(cfg.out_file, as_pairs(rows) if cfg.emit == "pairs" else rows)
+            write_json(summary_path(cfg.out_file), summary)
+            print(json.dumps(summary, indent=2))
+        return rows, summary
+    finally:
+        dist.compute_cleanup()
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args(LabelSettings))
+    except (SettingsError, DataError) as e:
+        sys.exit(f"error: {e}")
