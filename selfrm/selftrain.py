@@ -70,13 +70,17 @@ def train_run(cfg, world, pairs, run_dir, source, round_index=0):
     return model, tokenizer, summary
 
 
-def eval_accuracy(cfg, world, model, tokenizer, pairs):
-    """Accuracy on labeled pairs (pm: both orders, a tie counts 0.5; rm: strict)."""
+def score_pairs(cfg, world, model, tokenizer, pairs):
+    """Scores of labeled pairs with a = chosen, b = rejected (score_encoded's arrays)."""
     encoder = Encoder(tokenizer, cfg.model_type, cfg.max_length)
     encoded = encoder.encode_score([p.prompt for p in pairs], [p.chosen for p in pairs], [p.rejected for p in pairs])
-    probs = score_encoded(model.to(world.device), encoded, tokenizer.pad_token_id, encoder.label_ids or None, world,
-                          cfg.batch_size, autocast_dtype(cfg, world.device), desc="eval")
-    return accuracy(probs["prob_a"], cfg.model_type)
+    return score_encoded(model.to(world.device), encoded, tokenizer.pad_token_id, encoder.label_ids or None, world,
+                         cfg.batch_size, autocast_dtype(cfg, world.device), desc="eval")
+
+
+def eval_accuracy(cfg, world, model, tokenizer, pairs):
+    """Accuracy on labeled pairs (pm: both orders, a tie counts 0.5; rm: strict)."""
+    return accuracy(score_pairs(cfg, world, model, tokenizer, pairs), cfg.model_type)
 
 
 def run_training(cfg, world, pairs, eval_pairs=None):
