@@ -1,6 +1,7 @@
 """Train a reward model, and self-train it on unlabeled pairs.
 
-    python train.py                                   # the built-in demo (see selfrm/toy.py)
+    python train.py                                   # the demo: SSRM on the toy task (selfrm/toy.py)
+    python train.py --model_type=rm --filter=status   # the demo's SER variant
     python train.py --model_type=pm --model=M --train_file=L.jsonl --out_dir=D
     python train.py --model_type=rm --lora=true --model=M --train_file=L.jsonl --out_dir=D
     python train.py --model_type=pm --model=M --train_file=L.jsonl --unlabeled_file=U.jsonl \
@@ -11,15 +12,24 @@
 
 `python train.py --help` lists every setting.
 """
+import dataclasses
+import os
 import sys
 
-from selfrm import dist
+from selfrm import dist, toy
 from selfrm.data import DataError, load_pairs, load_unlabeled
-from selfrm.selftrain import run_self_training, run_training
+from selfrm.files import read_json, write_json
+from selfrm.selftrain import eval_accuracy, format_table, run_self_training, run_training, train_run
 from selfrm.settings import SettingsError, TrainSettings, parse_args
 
 
 def main(cfg):
+    # ---------------------------------------------------------------- the demo's data, when no file is given
+    demo = cfg.model == "toy" and not cfg.train_file and not cfg.unlabeled_file
+    if demo:
+        files = toy.write_demo_data(os.path.join(cfg.out_dir, "data"), cfg.seed)
+        cfg = dataclasses.replace(cfg, train_file=files["labeled"], unlabeled_file=files["pool"],
+                                  eval_file=cfg.eval_file or files["eval"])
     # ---------------------------------------------------------------- data (all read before any training)
     labeled = load_pairs(cfg.train_file) if cfg.train_file else []
     pool = load_unlabeled(cfg.unlabeled_file) if cfg.unlabeled_file else None
@@ -34,14 +44,38 @@ def main(cfg):
         # ------------------------------------------------------------ train (and self-train)
         if pool is None:
             return run_training(cfg, world, labeled, eval_pairs)
-        return run_self_training(cfg, world, labeled, pool, eval_pairs)
+        rounds = run_self_training(cfg, world, labeled, pool, eval_pairs)
+        if demo:  # the upper bound: the same model trained on every pool label
+            rounds = rounds + [supervised_reference(cfg, world, load_pairs(files["full"]), eval_pairs)]
+        dist.print0("\n" + format_table(rounds) + ("\n(full: the same model trained with every pool label)" if demo else ""))
+        return rounds
     finally:
         # ------------------------------------------------------------ cleanup
         dist.compute_cleanup()
 
 
+def supervised_reference(cfg, world, pairs, eval_pairs):
+    """Train on all labels once (kept in out_dir/supervised and in the manifest)."""
+    manifest_path = os.path.join(cfg.out_dir, "manifest.json")
+    manifest = read_json(manifest_path)
+    if "supervised" not in manifest:
+        model, tokenizer, summary = train_run(cfg, world, pairs, os.path.join(cfg.out_dir, "supervised"), cfg.model)
+        manifest["supervised"] = {"round": "full", "train_size": len(pairs), "pseudo_labeled_share": 0.0,
+                                  "eval_accuracy": eval_accuracy(cfg, world, model, tokenizer, eval_pairs)}
+        if world.master:
+            write_json(manifest_path, manifest)
+    return manifest["supervised"]
+
+
+def settings_from_argv(argv=None):
+    cfg = parse_args(TrainSettings, argv)
+    if cfg.model == "toy" and not cfg.train_file and not cfg.unlabeled_file:  # the demo: its own defaults
+        cfg = parse_args(TrainSettings, argv, defaults=toy.demo_defaults(cfg.model_type, cfg.filter))
+    return cfg
+
+
 if __name__ == "__main__":
     try:
-        main(parse_args(TrainSettings))
+        main(settings_from_argv())
     except (SettingsError, DataError) as e:
         sys.exit(f"error: {e}")

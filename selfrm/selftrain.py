@@ -273,7 +273,6 @@ def run_self_training(cfg, world, labeled, pool, eval_pairs=None):
         model, tokenizer, summary = train_run(cfg, world, train_pairs, round_dir(cfg, t), source, t)
         record.update(model=f"round_{t}/model", train_loss=summary.get("train_loss"))
         finish_round(cfg, world, rounds, record, model, tokenizer, eval_pairs, start)
-    print_table(rounds)
     return rounds
 
 
@@ -331,7 +330,3 @@ def format_table(rounds):
         cells = [fmt.format(r[key]) if r.get(key) is not None else "" for key, _, fmt in cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def print_table(rounds):
-    dist.print0("\n" + format_table(rounds))

@@ -145,18 +145,19 @@ def _help(cls):
     for klass in reversed(cls.__mro__[:-1]):
         for m in re.finditer(r"^\s+(\w+): \w+ = [^#\n]*#\s*(.*)$", inspect.getsource(klass), re.M):
             comments[m.group(1)] = m.group(2)
-    return "\n".join(f"  --{f.name}={f.default!r:<14} {comments.get(f.name, '')}"
-                     for f in dataclasses.fields(cls))
+    return "\n".join(f"  {'--' + f.name + '=' + repr(f.default):<36} {comments.get(f.name, '')}"
+                      for f in dataclasses.fields(cls))
 
 
-def parse_args(cls, argv=None):
-    """Build `cls` from `--key=value` strings (and `--config=FILE.json`), checking every key."""
+def parse_args(cls, argv=None, defaults=None):
+    """Build `cls` from `--key=value` strings (and `--config=FILE.json`), checking every key.
+    `defaults` replaces the dataclass defaults of some keys (the demo's settings)."""
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(f"settings ({cls.__name__}):\n{_help(cls)}")
         sys.exit(0)
     fields = {f.name: f.type for f in dataclasses.fields(cls)}
-    values = {}
+    values = dict(defaults or {})
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
             raise SettingsError(f"expected --key=value, got {arg!r}")
