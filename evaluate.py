@@ -26,7 +26,7 @@ def main(cfg):
     # ---------------------------------------------------------------- settings and data
     if cfg.model_type == "auto":
         cfg.model_type = model_type_of(cfg.model) or "pm"
-    pairs = load_pairs(cfg.eval_file)
+    pairs = load_pairs(cfg.eval_file, cfg.format, cfg.bad_rows)
     # ---------------------------------------------------------------- init, model
     world = dist.compute_init()
     try:

@@ -25,7 +25,7 @@ def main(cfg):
     # ---------------------------------------------------------------- settings and data
     if cfg.model_type == "auto":
         cfg.model_type = model_type_of(cfg.model) or "pm"
-    pool = load_unlabeled(cfg.unlabeled_file)
+    pool = load_unlabeled(cfg.unlabeled_file, cfg.format, cfg.as_unlabeled, cfg.seed, cfg.bad_rows)
     # ---------------------------------------------------------------- init, model
     world = dist.compute_init()
     try:

@@ -17,7 +17,7 @@ import os
 import sys
 
 from selfrm import dist, toy
-from selfrm.data import DataError, load_pairs, load_unlabeled
+from selfrm.data import DataError, load_pairs, load_unlabeled, split_labeled
 from selfrm.files import read_json, write_json
 from selfrm.selftrain import eval_accuracy, format_table, run_self_training, run_training, train_run
 from selfrm.settings import SettingsError, TrainSettings, parse_args
@@ -31,9 +31,15 @@ def main(cfg):
         cfg = dataclasses.replace(cfg, train_file=files["labeled"], unlabeled_file=files["pool"],
                                   eval_file=cfg.eval_file or files["eval"])
     # ---------------------------------------------------------------- data (all read before any training)
-    labeled = load_pairs(cfg.train_file) if cfg.train_file else []
-    pool = load_unlabeled(cfg.unlabeled_file) if cfg.unlabeled_file else None
-    eval_pairs = load_pairs(cfg.eval_file) if cfg.eval_file else None
+    labeled = load_pairs(cfg.train_file, cfg.format, cfg.bad_rows) if cfg.train_file else []
+    pool = (load_unlabeled(cfg.unlabeled_file, cfg.format, cfg.as_unlabeled, cfg.seed, cfg.bad_rows)
+            if cfg.unlabeled_file else None)
+    if cfg.labeled_fraction > 0:  # one labeled file -> a labeled share and a pool (the papers' set-ups)
+        if pool is not None:
+            raise SettingsError("--labeled_fraction splits --train_file into a labeled share and a pool: "
+                                "give no --unlabeled_file with it")
+        labeled, pool = split_labeled(labeled, cfg.labeled_fraction, cfg.seed)
+    eval_pairs = load_pairs(cfg.eval_file, cfg.format, cfg.bad_rows) if cfg.eval_file else None
     if not labeled and not (pool and cfg.skip_initial_training):
         raise SettingsError("--train_file is required (or --unlabeled_file with --skip_initial_training=true)")
     # ---------------------------------------------------------------- init

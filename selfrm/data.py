@@ -125,19 +125,157 @@ def unlabeled_from_row(row, where):
     return UnlabeledPair(prompt, a, b, row, gold)
 
 
-def load_pairs(path):
-    """Read every labeled pair of a file; the first bad row stops with file, line and field."""
-    pairs = [pair_from_row(row, where) for where, row in read_rows(path)]
-    if not pairs:
-        raise DataError(f"{path}: no rows")
-    return pairs
+# ----------------------------------------------------------------------------- formats
+# Each reader turns one row of its format into the plain {prompt, chosen, rejected} row (or
+# returns the reason to skip it, counted and reported); pair_from_row then checks it.
+
+HH_ASSISTANT, HH_HUMAN = "\n\nAssistant:", "\n\nHuman:"
 
 
-def load_unlabeled(path):
-    pool = [unlabeled_from_row(row, where) for where, row in read_rows(path)]
-    if not pool:
+def hh_messages(transcript, where, field):
+    """'\n\nHuman: ...\n\nAssistant: ...' turns -> messages."""
+    messages, rest = [], transcript
+    if not rest.startswith(HH_HUMAN):
+        raise DataError(f"{where}: field '{field}' is not an HH-RLHF transcript (no leading '\\n\\nHuman:')")
+    while rest:
+        role, marker = ("user", HH_HUMAN) if rest.startswith(HH_HUMAN) else ("assistant", HH_ASSISTANT)
+        rest = rest[len(marker):]
+        ends = [i for i in (rest.find(HH_HUMAN), rest.find(HH_ASSISTANT)) if i >= 0]
+        end = min(ends) if ends else len(rest)
+        messages.append({"role": role, "content": rest[:end].strip()})
+        rest = rest[end:]
+    return messages
+
+
+def from_hh(row, where):
+    """HH-RLHF: the prompt is everything up to and including the last '\n\nAssistant:'."""
+    chosen, rejected = _text(row, "chosen", where), _text(row, "rejected", where)
+    cut_c, cut_r = chosen.rfind(HH_ASSISTANT), rejected.rfind(HH_ASSISTANT)
+    if cut_c < 0 or cut_r < 0:
+        raise DataError(f"{where}: field '{'chosen' if cut_c < 0 else 'rejected'}' has no '\\n\\nAssistant:' turn")
+    prompt = chosen[:cut_c + len(HH_ASSISTANT)]
+    if rejected[:cut_r + len(HH_ASSISTANT)] != prompt:
+        return "their two transcripts have different prompts"  # not two answers to one prompt
+    answers = chosen[cut_c + len(HH_ASSISTANT):].strip(), rejected[cut_r + len(HH_ASSISTANT):].strip()
+    if not all(answers):
+        return "one of their final answers is empty"
+    messages = hh_messages(prompt[:-len(HH_ASSISTANT)], where, "chosen")
+    extra = {k: v for k, v in row.items() if k not in ("chosen", "rejected")}
+    return {**extra, "prompt": messages, "chosen": answers[0], "rejected": answers[1]}
+
+
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def from_sharegpt(row, where):
+    """ShareGPT preference rows: conversations [{from, value}], chosen/rejected {from, value}."""
+    turns = row.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: field 'conversations' must be a non-empty list")
+    messages = []
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict) or t.get("from") not in SHAREGPT_ROLES or not isinstance(t.get("value"), str):
+            raise DataError(f"{where}: field 'conversations[{i}]' must be {{'from': system|human|gpt, 'value': string}}")
+        messages.append({"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]})
+    answer = lambda key: row[key]["value"] if isinstance(row.get(key), dict) and "value" in row[key] else row.get(key)
+    extra = {k: v for k, v in row.items() if k not in ("conversations", "chosen", "rejected")}
+    return {**extra, "prompt": messages, "chosen": answer("chosen"), "rejected": answer("rejected")}
+
+
+def from_stack_exchange(row, where):
+    """StackExchange pairs: question, response_j (preferred), response_k."""
+    extra = {k: v for k, v in row.items() if k not in ("question", "response_j", "response_k")}
+    return {**extra, "prompt": _text(row, "question", where), "chosen": _text(row, "response_j", where),
+            "rejected": _text(row, "response_k", where)}
+
+
+READERS = {"jsonl": lambda row, where: row, "hh": from_hh, "sharegpt": from_sharegpt,
+           "stack_exchange": from_stack_exchange}
+
+
+def detect_format(row):
+    if "conversations" in row:
+        return "sharegpt"
+    if "question" in row and "response_j" in row:
+        return "stack_exchange"
+    if "prompt" not in row and isinstance(row.get("chosen"), str) and row["chosen"].startswith(HH_HUMAN):
+        return "hh"
+    return "jsonl"
+
+
+def read_pairs(path, fmt="auto"):
+    """(where, plain row) for each pair of a labeled file in any format. A reader may skip a
+    row by returning the reason (HH pairs that are not two answers to one prompt): skipped
+    rows are counted per reason and reported."""
+    from selfrm.dist import print0
+    rows, skipped, reader = [], {}, None
+    for where, row in read_rows(path):
+        if reader is None:
+            if fmt == "auto":
+                fmt = detect_format(row)
+                print0(f"{path}: read as format '{fmt}' (detected from its first row)")
+            reader = READERS[fmt]
+        plain = reader(row, where)
+        if isinstance(plain, str):
+            skipped[plain] = skipped.get(plain, 0) + 1
+        else:
+            rows.append((where, plain))
+    for reason, count in skipped.items():
+        print0(f"{path}: skipped {count} pairs: {reason}")
+    return rows
+
+
+def _parse_all(path, rows, parse, bad_rows):
+    """parse(row, where) over rows; bad_rows='error' stops at the first bad row with file,
+    line and field, 'skip' reports each bad row and goes on."""
+    out, errors = [], []
+    for where, row in rows:
+        try:
+            out.append(parse(row, where))
+        except DataError as e:
+            if bad_rows != "skip":
+                raise
+            errors.append(str(e))
+    if errors:
+        from selfrm.dist import print0
+        print0("\n".join(f"skipped: {e}" for e in errors) + f"\n{path}: skipped {len(errors)} bad rows (--bad_rows=skip)")
+    if not out:
         raise DataError(f"{path}: no rows")
+    return out
+
+
+def load_pairs(path, fmt="auto", bad_rows="error"):
+    """Read every labeled pair of a file (see _parse_all for bad rows)."""
+    return _parse_all(path, read_pairs(path, fmt), pair_from_row, bad_rows)
+
+
+def load_unlabeled(path, fmt="auto", as_unlabeled=False, seed=0, bad_rows="error"):
+    """Read a pool of {prompt, response_a, response_b} rows; with as_unlabeled, read a
+    labeled file instead and hide its labels (see pairs_to_pool)."""
+    if as_unlabeled:
+        return pairs_to_pool(load_pairs(path, fmt, bad_rows), seed)
+    return _parse_all(path, read_rows(path), unlabeled_from_row, bad_rows)
+
+
+def pairs_to_pool(pairs, seed):
+    """Labeled pairs as an unlabeled pool: the chosen response goes to A or B at random
+    (seeded), and the gold side is kept as `label`, for reporting only."""
+    import numpy as np
+    swaps = np.random.default_rng([seed, 31]).random(len(pairs)) < 0.5
+    pool = []
+    for p, swap in zip(pairs, swaps):
+        a, b = (p.rejected, p.chosen) if swap else (p.chosen, p.rejected)
+        row = {**p.extra, "prompt": p.prompt, "response_a": a, "response_b": b, "label": "b" if swap else "a"}
+        pool.append(UnlabeledPair(p.prompt, a, b, row, "b" if swap else "a"))
     return pool
+
+
+def split_labeled(pairs, fraction, seed):
+    """One labeled file -> (labeled share, pool of the rest), split at random (seeded)."""
+    import numpy as np
+    order = np.random.default_rng([seed, 37]).permutation(len(pairs))
+    n = int(round(fraction * len(pairs)))
+    return [pairs[i] for i in sorted(order[:n])], pairs_to_pool([pairs[i] for i in sorted(order[n:])], seed)
 
 
 # ----------------------------------------------------------------------------- templates

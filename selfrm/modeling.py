@@ -122,12 +122,25 @@ def load_model(cfg, source=None, tokenizer=None):
                 base = json.load(f)["base_model_name_or_path"]
         hf = auto.from_pretrained(base, gguf_file=cfg.gguf_file or None, dtype=torch.float32,
                                   trust_remote_code=cfg.trust_remote_code, **extra)
+        if cfg.gguf_file:
+            hf = plain_copy(hf)
     hf.config.pad_token_id = tokenizer.pad_token_id
     hf.config.use_cache = False  # training and scoring never decode
     if adapter:
         from peft import PeftModel
         hf = PeftModel.from_pretrained(hf, source, is_trainable=True)
     return (PreferenceModel if cfg.model_type == "pm" else RewardModel)(hf), tokenizer
+
+
+def plain_copy(hf):
+    """A GGUF-loaded model stays marked as quantized and cannot be saved: rebuild a plain
+    model of the same class and copy the dequantized fp32 weights into it."""
+    config = hf.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(hf)(config)
+    plain.load_state_dict(hf.state_dict())
+    return plain
 
 
 def add_lora(model, cfg):

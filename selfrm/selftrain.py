@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from selfrm import dist, settings
-from selfrm.data import Encoder, Pair, load_pairs
+from selfrm.data import Encoder, Pair
 from selfrm.files import read_json, write_json, write_jsonl
 from selfrm.filters import confidence, confidence_filter, learning_status, pseudo_label
 from selfrm.metrics import accuracy
@@ -97,10 +97,6 @@ def run_training(cfg, world, pairs, eval_pairs=None):
         write_json(os.path.join(cfg.out_dir, "manifest.json"), {"final_model": "model", "rounds": [record]})
     dist.print0(f"saved {os.path.join(cfg.out_dir, 'model')}")
     return record
-
-
-def load_eval(cfg):
-    return load_pairs(cfg.eval_file) if cfg.eval_file else None
 
 
 # ----------------------------------------------------------------------------- relabeling

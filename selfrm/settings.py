@@ -27,6 +27,7 @@ class ModelSettings:
     gguf_file: str = ""  # GGUF file name inside --model, as transformers' from_pretrained takes it
     trust_remote_code: bool = False  # run code shipped with a hub model; off unless asked for
     format: str = "auto"  # data format: auto|jsonl|hh|sharegpt|stack_exchange
+    bad_rows: str = "error"  # error: a bad row stops the run | skip: report each bad row (file:line: field), go on
     max_length: int = 512  # tokens per sequence; longer ones lose the start of the prompt
     dtype: str = "auto"  # bf16|fp16|fp32 autocast; auto = bf16 on a CUDA GPU that has it, else fp32
     seed: int = 0  # one seed for data order, A/B placement, splits and initialisation
@@ -44,6 +45,7 @@ class FilterSettings:
     status_mode: str = "sequential"  # sequential (the paper: status 1, else 2) | union (released code)
     label_source: str = "argmax"  # argmax (the paper) | gold (the SSRM release's filter: keeps gold order; not semi-supervised)
     batch_size: int = 32  # pairs per scoring batch (labeling and evaluation)
+    as_unlabeled: bool = False  # the unlabeled file is a labeled one: hide its labels (kept for reporting)
 
 
 # ----------------------------------------------------------------------------- per script
@@ -52,6 +54,7 @@ class FilterSettings:
 class TrainSettings(ModelSettings, FilterSettings):
     choices: ClassVar[dict] = {"model_type": ("pm", "rm")}  # training needs to know the kind
     train_file: str = ""  # labeled pairs; empty = the built-in toy task (with --model=toy)
+    labeled_fraction: float = 0.0  # > 0: keep this share of --train_file labeled, the rest becomes the pool
     eval_file: str = ""  # labeled pairs scored after each round
     out_dir: str = "runs/demo"  # run folder: model/, settings.json, manifest.json, logs
     resume: bool = True  # continue a run found in out_dir (same settings); finished work is kept
@@ -107,6 +110,7 @@ CHOICES = {
     "model_type": ("auto", "pm", "rm"),
     "dtype": ("auto", "bf16", "fp16", "fp32"),
     "format": ("auto", "jsonl", "hh", "sharegpt", "stack_exchange"),
+    "bad_rows": ("error", "skip"),
     "filter": ("confidence", "status", "none"),
     "status_mode": ("sequential", "union"),
     "label_source": ("argmax", "gold"),

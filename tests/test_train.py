@@ -68,6 +68,14 @@ def test_bad_lines_name_file_line_and_field(tmp_path, line, message):
         load_pairs(str(path))
 
 
+def test_bad_rows_skip_reports_each_and_keeps_the_rest(tmp_path, capsys):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "chosen": ""}) + "\n" + json.dumps(GOOD) + "\n")
+    assert len(load_pairs(str(path), bad_rows="skip")) == 2
+    out = capsys.readouterr().out
+    assert "bad.jsonl:2: field 'chosen' is empty" in out and "skipped 1 bad rows" in out
+
+
 def test_bad_input_stops_before_training_and_writes_nothing(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(GOOD) * 1 + "\n" + json.dumps({"prompt": "t1"}) + "\n")
