@@ -27,6 +27,8 @@ def main(cfg):
     if cfg.model_type == "auto":
         cfg.model_type = model_type_of(cfg.model) or "pm"
     pairs = load_pairs(cfg.eval_file, cfg.format, cfg.bad_rows)
+    if cfg.limit > 0:
+        pairs = pairs[:cfg.limit]
     # ---------------------------------------------------------------- init, model
     world = dist.compute_init()
     try:

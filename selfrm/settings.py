@@ -103,6 +103,7 @@ class EvalSettings(ModelSettings):
     out_file: str = ""  # metrics JSON (empty = print only)
     predictions_file: str = ""  # one row per pair: id, subset, prob_chosen, correct
     batch_size: int = 32  # pairs per scoring batch
+    limit: int = 0  # evaluate the first N pairs only (0 = all)
     plot: bool = True  # write <out_file>.png when matplotlib is installed
 
 
