@@ -147,7 +147,7 @@ def relabel(cfg, world, model, tokenizer, pool, encoded=None):
                        status2_count=result.status2_count, status_needed=result.needed)
     else:
         keep = np.ones(len(pool), dtype=bool)
-    summary.update(kept=int(keep.sum()), kept_share=float(keep.mean()))
+    summary.update(kept=int(keep.sum()), kept_share=float(keep.mean()) if len(pool) else 0.0)
     summary.update(gold_report(prob_a, labels, gold, keep))
 
     rows = []

@@ -209,6 +209,8 @@ def test_ser_loop_accumulates_and_stops_when_converged(tmp_path, rm_folder, loop
     assert len(rounds) < 6  # it stopped before the 5 rounds ran out
     manifest = json.load(open(os.path.join(cfg.out_dir, "manifest.json")))
     assert manifest["final_model"] == rounds[-2]["model"]
+    last = json.load(open(os.path.join(cfg.out_dir, f"round_{rounds[-1]['round']}", "pool.summary.json")))
+    assert last["kept_share"] == (last["kept"] / last["rows"] if last["rows"] else 0.0)  # no NaN in the JSON
 
 
 def test_gold_labels_never_change_what_is_trained(tmp_path, pm_folder, loop_files):

@@ -211,3 +211,16 @@ def test_two_gloo_ranks_match_one_process(tmp_path, toy_files, pm_folder):
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
     logs = [[json.loads(line) for line in open(tmp_path / d / "train_log.jsonl")] for d in ("one", "two")]
     assert [r["loss"] for r in logs[1]] == pytest.approx([r["loss"] for r in logs[0]], rel=1e-4)
+
+
+@pytest.mark.parametrize("option", ["gradient_checkpointing", "group_by_length"])
+def test_speed_options_do_not_change_the_result(tmp_path, toy_files, pm_folder, option):
+    """Checkpointing recomputes activations; grouping reorders pairs inside each global batch:
+    neither may change the weights after a few steps (up to float rounding)."""
+    train_file, _ = toy_files
+    common = dict(model=pm_folder, train_file=train_file, max_steps=3, micro_batch_size=4)
+    plain_cfg, _ = run(tmp_path, "plain", **common)
+    fast_cfg, _ = run(tmp_path, "fast", **common, **{option: True})
+    plain, fast = weights(plain_cfg.out_dir), weights(fast_cfg.out_dir)
+    for k in plain:
+        torch.testing.assert_close(fast[k], plain[k], rtol=1e-4, atol=1e-5)
