@@ -8,7 +8,6 @@ Each run is exactly `python train.py [--model_type=rm --filter=status] --seed=S`
 """
 import contextlib
 import io
-import json
 import os
 import sys
 import time

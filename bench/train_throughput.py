@@ -12,6 +12,7 @@ method runs twice from the same initial weights; the faster run counts. selfrm's
 save is switched off here, since the other two do not save.
 """
 import copy
+import importlib.util
 import os
 import sys
 import tempfile
@@ -93,10 +94,9 @@ def main():
     base = LlamaForSequenceClassification(config)
     examples = data(steps * BATCH, tokens)
     methods = {"bare loop": run_bare, "selfrm": run_selfrm}
-    try:
-        import trl  # noqa: F401
+    if importlib.util.find_spec("trl"):
         methods["TRL RewardTrainer"] = run_trl
-    except ImportError:
+    else:
         print("trl is not installed (pip install trl): skipping the TRL comparison")
     best = {}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {steps} steps of {BATCH} pairs, "

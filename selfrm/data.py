@@ -10,7 +10,10 @@ import json
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+
+from selfrm.dist import print0
 
 ROLES = ("system", "user", "assistant")
 
@@ -207,7 +210,6 @@ def read_pairs(path, fmt="auto"):
     """(where, plain row) for each pair of a labeled file in any format. A reader may skip a
     row by returning the reason (HH pairs that are not two answers to one prompt): skipped
     rows are counted per reason and reported."""
-    from selfrm.dist import print0
     rows, skipped, reader = [], {}, None
     for where, row in read_rows(path):
         if reader is None:
@@ -237,7 +239,6 @@ def _parse_all(path, rows, parse, bad_rows):
                 raise
             errors.append(str(e))
     if errors:
-        from selfrm.dist import print0
         print0("\n".join(f"skipped: {e}" for e in errors) + f"\n{path}: skipped {len(errors)} bad rows (--bad_rows=skip)")
     if not out:
         raise DataError(f"{path}: no rows")
@@ -260,7 +261,6 @@ def load_unlabeled(path, fmt="auto", as_unlabeled=False, seed=0, bad_rows="error
 def pairs_to_pool(pairs, seed):
     """Labeled pairs as an unlabeled pool: the chosen response goes to A or B at random
     (seeded), and the gold side is kept as `label`, for reporting only."""
-    import numpy as np
     swaps = np.random.default_rng([seed, 31]).random(len(pairs)) < 0.5
     pool = []
     for p, swap in zip(pairs, swaps):
@@ -272,7 +272,6 @@ def pairs_to_pool(pairs, seed):
 
 def split_labeled(pairs, fraction, seed):
     """One labeled file -> (labeled share, pool of the rest), split at random (seeded)."""
-    import numpy as np
     order = np.random.default_rng([seed, 37]).permutation(len(pairs))
     n = int(round(fraction * len(pairs)))
     return [pairs[i] for i in sorted(order[:n])], pairs_to_pool([pairs[i] for i in sorted(order[n:])], seed)

@@ -1,7 +1,6 @@
 """The two training losses, as pure functions of tensors. Each returns one loss per pair
 (no reduction): the training loop sums them and divides by the number of pairs in the
 global batch, so gradient accumulation and DDP average over pairs exactly."""
-import torch
 import torch.nn.functional as F
 
 

@@ -11,6 +11,7 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from selfrm import toy
@@ -127,7 +128,6 @@ def load_model(cfg, source=None, tokenizer=None):
     hf.config.pad_token_id = tokenizer.pad_token_id
     hf.config.use_cache = False  # training and scoring never decode
     if adapter:
-        from peft import PeftModel
         hf = PeftModel.from_pretrained(hf, source, is_trainable=True)
     return (PreferenceModel if cfg.model_type == "pm" else RewardModel)(hf), tokenizer
 
@@ -146,7 +146,6 @@ def plain_copy(hf):
 def add_lora(model, cfg):
     """Wrap the HF model inside `model` with LoRA adapters. For rm, peft's SEQ_CLS task
     keeps the score head trainable and saves it with the adapter."""
-    from peft import LoraConfig, TaskType, get_peft_model
     targets = [t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()] or None
     lora = LoraConfig(task_type=TaskType.CAUSAL_LM if cfg.model_type == "pm" else TaskType.SEQ_CLS,
                       r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,

@@ -15,7 +15,11 @@ words of their own cluster; a confident pseudo-label (decided by the head words)
 the tail words' quality, and the next round is confident on responses the last one was not.
 That is the cluster assumption that self-training relies on, made explicit.
 """
+import json
+import os
+
 import numpy as np
+from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
@@ -36,7 +40,6 @@ def words():
 
 def build_tokenizer(chat=False):
     """A fast word-level tokenizer over the template and task words (whitespace split)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
     vocab = {w: i for i, w in enumerate(SPECIALS + TEMPLATE_WORDS + words())}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -120,8 +123,6 @@ def write_demo_data(folder, seed):
     """The demo's files: labeled.jsonl, pool.jsonl (gold kept as `label`, for reporting),
     full.jsonl (labeled + the pool with its gold labels: the fully supervised reference)
     and eval.jsonl. Returns their paths."""
-    import json
-    import os
     os.makedirs(folder, exist_ok=True)
     n_train = DEMO_SIZES["labeled"] + DEMO_SIZES["pool"]
     train = make_pairs(seed, n_train, stream=1)

@@ -23,7 +23,7 @@ from selfrm import dist
 from selfrm.data import collate_pm, collate_rm, example_length
 from selfrm.files import atomic_dir, atomic_path
 from selfrm.losses import pairwise_loss, srm_loss
-from selfrm.modeling import inner, save_model
+from selfrm.modeling import save_model
 
 
 # ----------------------------------------------------------------------------- plan and schedule

@@ -45,3 +45,15 @@ def toy_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("data")
     rows = toy.make_pairs(0, 600)
     return write_jsonl(folder / "train.jsonl", rows[:400]), write_jsonl(folder / "eval.jsonl", rows[400:])
+
+
+def run_one_and_two_ranks(script, args, out_flag, one, two, port):
+    """Run `script` as one process, then under torchrun with 2 gloo ranks; out_flag names the
+    setting that receives the output paths `one` and `two`."""
+    import subprocess
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, script, *args, f"--{out_flag}={one}"], cwd=ROOT, env=env, check=True,
+                   capture_output=True)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                           script, *args, f"--{out_flag}={two}"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -1,15 +1,12 @@
 """evaluate.py and the metrics (issue: evaluate)."""
 import json
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import evaluate
-from conftest import ROOT, write_jsonl
+from conftest import run_one_and_two_ranks, write_jsonl
 from selfrm import toy
 from selfrm.metrics import calibration, pair_correct, rewardbench_sections
 from selfrm.settings import EvalSettings, make
@@ -89,14 +86,8 @@ def test_evaluate_end_to_end_and_predictions_recompute_the_metrics(tmp_path, eva
 
 def test_two_rank_evaluation_equals_one_rank(tmp_path, eval_files, rm_folder):
     rb, _ = eval_files
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = [f"--model={rm_folder}", f"--eval_file={rb}", "--batch_size=4"]
-    subprocess.run([sys.executable, "evaluate.py", *args, f"--out_file={tmp_path / 'one.json'}"], cwd=ROOT, env=env,
-                   check=True, capture_output=True)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29535",
-                           "evaluate.py", *args, f"--out_file={tmp_path / 'two.json'}"], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_one_and_two_ranks("evaluate.py", args, "out_file", tmp_path / "one.json", tmp_path / "two.json", 29535)
     one, two = (json.load(open(tmp_path / f)) for f in ("one.json", "two.json"))
     assert two["n"] == one["n"] == 60
     assert two["subsets"] == one["subsets"] and two["accuracy"] == one["accuracy"]

@@ -1,8 +1,6 @@
 """Filters, label.py and the self-training loop (issue: relabeling and both filters)."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,7 +9,7 @@ from safetensors.torch import load_file
 
 import label
 import train
-from conftest import ROOT, write_jsonl
+from conftest import run_one_and_two_ranks, write_jsonl
 from selfrm import toy, trainer
 from selfrm.data import Encoder, load_pairs
 from selfrm.dist import Dist
@@ -151,14 +149,8 @@ def test_emitted_pairs_train_again(tmp_path, pm_folder, pool_file):
 
 
 def test_two_rank_labeling_writes_the_same_file(tmp_path, pm_folder, pool_file):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = [f"--model={pm_folder}", f"--unlabeled_file={pool_file}", "--batch_size=5"]
-    subprocess.run([sys.executable, "label.py", *args, f"--out_file={tmp_path / 'one.jsonl'}"], cwd=ROOT, env=env,
-                   check=True, capture_output=True)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534",
-                           "label.py", *args, f"--out_file={tmp_path / 'two.jsonl'}"], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_one_and_two_ranks("label.py", args, "out_file", tmp_path / "one.jsonl", tmp_path / "two.jsonl", 29534)
     one = [json.loads(line) for line in open(tmp_path / "one.jsonl")]
     two = [json.loads(line) for line in open(tmp_path / "two.jsonl")]
     assert len(one) == len(two) == 48

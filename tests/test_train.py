@@ -1,15 +1,13 @@
 """train.py end to end: settings, bad input, save/reload, resume, DDP, learnability."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import train
-from conftest import ROOT, write_jsonl
+from conftest import run_one_and_two_ranks, write_jsonl
 from selfrm import trainer
 from selfrm.data import DataError, load_pairs
 from selfrm.settings import SettingsError, TrainSettings, make, parse_args
@@ -199,13 +197,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path, toy_files, pm_folder):
     train_file, _ = toy_files
     args = [f"--model={pm_folder}", f"--train_file={train_file}", "--max_steps=4", "--global_batch_size=16",
             "--micro_batch_size=4", "--lr=2e-3", "--warmup_steps=1", "--log_every=2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "train.py", *args, f"--out_dir={tmp_path / 'one'}"], cwd=ROOT, env=env, check=True,
-                   capture_output=True)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-                           "train.py", *args, f"--out_dir={tmp_path / 'two'}"], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_one_and_two_ranks("train.py", args, "out_dir", tmp_path / "one", tmp_path / "two", 29533)
     one, two = weights(str(tmp_path / "one")), weights(str(tmp_path / "two"))
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
