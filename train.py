@@ -28,6 +28,11 @@ def main(cfg):
     demo = cfg.model == "toy" and not cfg.train_file and not cfg.unlabeled_file
     if demo:
         files = toy.write_demo_data(os.path.join(cfg.out_dir, "data"), cfg.seed)
+        algorithm = ("SSRM: pairwise model, confidence filter" if cfg.filter == "confidence" else
+                     "SER: scalar model, learning-status filter" if cfg.filter == "status" else f"filter={cfg.filter}")
+        dist.print0(f"selfrm demo ({algorithm}) on the toy task of selfrm/toy.py: round 0 trains on the labeled "
+                    f"share, {cfg.rounds} rounds pseudo-label the pool and retrain, then the same model trains on "
+                    f"every label for comparison. Output: {cfg.out_dir}/")
         cfg = dataclasses.replace(cfg, train_file=files["labeled"], unlabeled_file=files["pool"],
                                   eval_file=cfg.eval_file or files["eval"])
     # ---------------------------------------------------------------- data (all read before any training)
@@ -53,7 +58,10 @@ def main(cfg):
         rounds = run_self_training(cfg, world, labeled, pool, eval_pairs)
         if demo:  # the upper bound: the same model trained on every pool label
             rounds = rounds + [supervised_reference(cfg, world, load_pairs(files["full"]), eval_pairs)]
-        dist.print0("\n" + format_table(rounds) + ("\n(full: the same model trained with every pool label)" if demo else ""))
+        dist.print0("\n" + format_table(rounds))
+        if demo:
+            dist.print0("(full: the same model trained with every pool label; the other demo: "
+                        "python train.py --model_type=rm --filter=status)")
         return rounds
     finally:
         # ------------------------------------------------------------ cleanup
@@ -65,7 +73,8 @@ def supervised_reference(cfg, world, pairs, eval_pairs):
     manifest_path = os.path.join(cfg.out_dir, "manifest.json")
     manifest = read_json(manifest_path)
     if "supervised" not in manifest:
-        model, tokenizer, summary = train_run(cfg, world, pairs, os.path.join(cfg.out_dir, "supervised"), cfg.model)
+        model, tokenizer, summary = train_run(cfg, world, pairs, os.path.join(cfg.out_dir, "supervised"), cfg.model,
+                                            name="full supervision")
         manifest["supervised"] = {"round": "full", "train_size": len(pairs), "pseudo_labeled_share": 0.0,
                                   "eval_accuracy": eval_accuracy(cfg, world, model, tokenizer, eval_pairs)}
         if world.master:

@@ -46,9 +46,11 @@ def check_out_dir(cfg, world):
     return current
 
 
-def train_run(cfg, world, pairs, run_dir, source, round_index=0):
+def train_run(cfg, world, pairs, run_dir, source, round_index=0, name=None):
     """Train a model from `source` on `pairs`; save it to run_dir/model. If that model exists
-    already (a finished run), load it instead. Returns (model, tokenizer, summary)."""
+    already (a finished run), load it instead. `name` labels the logs (default: the round).
+    Returns (model, tokenizer, summary)."""
+    name = name or f"round {round_index}"
     model_dir = os.path.join(run_dir, "model")
     if os.path.exists(os.path.join(model_dir, "settings.json")):
         model, tokenizer = load_model(cfg, model_dir)
@@ -62,10 +64,10 @@ def train_run(cfg, world, pairs, run_dir, source, round_index=0):
     swaps = np.random.default_rng([cfg.seed, 1000 + round_index]).random(len(pairs)) < 0.5
     examples = encoder.encode_train(pairs, swaps)
     if encoder.truncated:
-        dist.print0(f"round {round_index}: {encoder.truncated} of {len(pairs)} training pairs were longer than "
+        dist.print0(f"{name}: {encoder.truncated} of {len(pairs)} training pairs were longer than "
                     f"max_length={cfg.max_length} and lost the start of their prompt")
     summary = train(cfg, model, tokenizer, examples, run_dir, world, settings.to_dict(cfg), encoder.label_ids,
-                    desc=f"round {round_index}")
+                    desc=name)
     summary["truncated"] = encoder.truncated
     return model, tokenizer, summary
 
