@@ -72,17 +72,24 @@ def train_run(cfg, world, pairs, run_dir, source, round_index=0, name=None):
     return model, tokenizer, summary
 
 
-def score_pairs(cfg, world, model, tokenizer, pairs):
-    """Scores of labeled pairs with a = chosen, b = rejected (score_encoded's arrays)."""
+def encode_pairs(cfg, tokenizer, pairs):
+    """Labeled pairs as scoring inputs with a = chosen, b = rejected: (encoded, label_ids)."""
     encoder = Encoder(tokenizer, cfg.model_type, cfg.max_length)
     encoded = encoder.encode_score([p.prompt for p in pairs], [p.chosen for p in pairs], [p.rejected for p in pairs])
-    return score_encoded(model.to(world.device), encoded, tokenizer.pad_token_id, encoder.label_ids or None, world,
+    return encoded, encoder.label_ids or None
+
+
+def score_pairs(cfg, world, model, tokenizer, pairs, encoded=None):
+    """Scores of labeled pairs (score_encoded's arrays); `encoded` skips the tokenization
+    when the caller has done it once already (the self-training rounds)."""
+    encoded, label_ids = encoded or encode_pairs(cfg, tokenizer, pairs)
+    return score_encoded(model.to(world.device), encoded, tokenizer.pad_token_id, label_ids, world,
                          cfg.batch_size, autocast_dtype(cfg, world.device), desc="eval")
 
 
-def eval_accuracy(cfg, world, model, tokenizer, pairs):
+def eval_accuracy(cfg, world, model, tokenizer, pairs, encoded=None):
     """Accuracy on labeled pairs (pm: both orders, a tie counts 0.5; rm: strict)."""
-    return accuracy(score_pairs(cfg, world, model, tokenizer, pairs), cfg.model_type)
+    return accuracy(score_pairs(cfg, world, model, tokenizer, pairs, encoded), cfg.model_type)
 
 
 def run_training(cfg, world, pairs, eval_pairs=None):
@@ -214,7 +221,11 @@ def run_self_training(cfg, world, labeled, pool, eval_pairs=None):
     check_out_dir(cfg, world)
     manifest_path = os.path.join(cfg.out_dir, "manifest.json")
     rounds = read_json(manifest_path)["rounds"] if os.path.exists(manifest_path) else []
-    model = tokenizer = None
+    model = None
+    # tokenized once: the pool's and the eval set's text do not change between rounds
+    tokenizer = load_tokenizer(cfg)
+    encoded, _ = encode_pool(cfg, tokenizer, pool)
+    evaluation = (eval_pairs, encode_pairs(cfg, tokenizer, eval_pairs)) if eval_pairs else None
     if not rounds:  # ------------------------------------------------ round 0: the seed model
         start = time.time()
         if cfg.skip_initial_training:
@@ -224,10 +235,8 @@ def run_self_training(cfg, world, labeled, pool, eval_pairs=None):
             model, tokenizer, summary = train_run(cfg, world, labeled, round_dir(cfg, 0), cfg.model, 0)
             record = {"round": 0, "train_size": len(labeled), "pseudo_labeled": 0, "pseudo_labeled_share": 0.0,
                       "model": "round_0/model", "train_loss": summary.get("train_loss")}
-        finish_round(cfg, world, rounds, record, model, tokenizer, eval_pairs, start)
+        finish_round(cfg, world, rounds, record, model, tokenizer, evaluation, start)
 
-    tokenizer = tokenizer or load_tokenizer(cfg)
-    encoded, _ = encode_pool(cfg, tokenizer, pool)  # once: the pool's text does not change between rounds
     selected = {}  # SER: pool index -> pseudo-label, accumulated over rounds
     for t in range(1, cfg.rounds + 1):
         if rounds[-1].get("status") == "converged":
@@ -270,7 +279,7 @@ def run_self_training(cfg, world, labeled, pool, eval_pairs=None):
         source = cfg.model if cfg.init_from == "base" else last_model(cfg, rounds)
         model, tokenizer, summary = train_run(cfg, world, train_pairs, round_dir(cfg, t), source, t)
         record.update(model=f"round_{t}/model", train_loss=summary.get("train_loss"))
-        finish_round(cfg, world, rounds, record, model, tokenizer, eval_pairs, start)
+        finish_round(cfg, world, rounds, record, model, tokenizer, evaluation, start)
     return rounds
 
 
@@ -302,10 +311,11 @@ def read_selected(rows_or_path):
     return {row["pool_index"]: row["pseudo_label"] for row in rows if row["keep"]}
 
 
-def finish_round(cfg, world, rounds, record, model, tokenizer, eval_pairs, start):
-    """Evaluate, time and record a round; the manifest is rewritten after every round."""
-    if eval_pairs and model is not None:
-        record["eval_accuracy"] = eval_accuracy(cfg, world, model, tokenizer, eval_pairs)
+def finish_round(cfg, world, rounds, record, model, tokenizer, evaluation, start):
+    """Evaluate on evaluation = (pairs, their encoding), time and record a round; the
+    manifest is rewritten after every round."""
+    if evaluation and model is not None:
+        record["eval_accuracy"] = eval_accuracy(cfg, world, model, tokenizer, *evaluation)
     record["seconds"] = time.time() - start
     rounds.append(record)
     if world.master:
