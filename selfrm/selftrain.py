@@ -72,19 +72,38 @@ def train_run(cfg, world, pairs, run_dir, source, round_index=0, name=None):
     return model, tokenizer, summary
 
 
-def encode_pairs(cfg, tokenizer, pairs):
-    """Labeled pairs as scoring inputs with a = chosen, b = rejected: (encoded, label_ids)."""
+def encode_for_scoring(cfg, tokenizer, prompts, firsts, seconds, what):
+    """Scoring inputs (Encoder.encode_score) and the label token ids (None for rm): the pair
+    `(ids, label_ids)` that `score` takes. Tokenize once, score every round."""
     encoder = Encoder(tokenizer, cfg.model_type, cfg.max_length)
-    encoded = encoder.encode_score([p.prompt for p in pairs], [p.chosen for p in pairs], [p.rejected for p in pairs])
-    return encoded, encoder.label_ids or None
+    ids = encoder.encode_score(prompts, firsts, seconds)
+    if encoder.truncated:
+        dist.print0(f"{encoder.truncated} of {2 * len(prompts)} {what} sequences lost the start of their prompt")
+    return ids, encoder.label_ids or None
+
+
+def encode_pairs(cfg, tokenizer, pairs):
+    """Labeled pairs, with a = chosen and b = rejected."""
+    return encode_for_scoring(cfg, tokenizer, [p.prompt for p in pairs], [p.chosen for p in pairs],
+                              [p.rejected for p in pairs], "eval")
+
+
+def encode_pool(cfg, tokenizer, pool):
+    return encode_for_scoring(cfg, tokenizer, [u.prompt for u in pool], [u.response_a for u in pool],
+                              [u.response_b for u in pool], "pool")
+
+
+def score(cfg, world, model, tokenizer, encoded, desc):
+    """score_encoded with the run's device, batch size and autocast; encoded = (ids, label_ids)."""
+    ids, label_ids = encoded
+    return score_encoded(model.to(world.device), ids, tokenizer.pad_token_id, label_ids, world,
+                         cfg.batch_size, autocast_dtype(cfg, world.device), desc=desc)
 
 
 def score_pairs(cfg, world, model, tokenizer, pairs, encoded=None):
     """Scores of labeled pairs (score_encoded's arrays); `encoded` skips the tokenization
     when the caller has done it once already (the self-training rounds)."""
-    encoded, label_ids = encoded or encode_pairs(cfg, tokenizer, pairs)
-    return score_encoded(model.to(world.device), encoded, tokenizer.pad_token_id, label_ids, world,
-                         cfg.batch_size, autocast_dtype(cfg, world.device), desc="eval")
+    return score(cfg, world, model, tokenizer, encoded or encode_pairs(cfg, tokenizer, pairs), "eval")
 
 
 def eval_accuracy(cfg, world, model, tokenizer, pairs, encoded=None):
@@ -116,25 +135,13 @@ def check_filter(cfg):
                          "model (--model_type=pm) only scores pairs: use --filter=confidence, or --model_type=rm")
 
 
-def encode_pool(cfg, tokenizer, pool):
-    encoder = Encoder(tokenizer, cfg.model_type, cfg.max_length)
-    encoded = encoder.encode_score([u.prompt for u in pool], [u.response_a for u in pool], [u.response_b for u in pool])
-    if encoder.truncated:
-        dist.print0(f"{encoder.truncated} of {2 * len(pool)} pool sequences lost the start of their prompt")
-    return encoded, encoder.label_ids or None
-
-
 def relabel(cfg, world, model, tokenizer, pool, encoded=None):
     """Score every pair of `pool`, pseudo-label it and apply cfg.filter (SPEC 2-4).
+    `encoded` = (ids, label_ids) from encode_pool, when the caller tokenized the pool already.
     Returns (rows, summary): one output row per input row, in input order. Gold labels are
     read only for the summary's accuracies."""
     check_filter(cfg)
-    if encoded is None:
-        encoded, label_ids = encode_pool(cfg, tokenizer, pool)
-    else:
-        label_ids = Encoder(tokenizer, cfg.model_type, cfg.max_length).label_ids or None
-    scores = score_encoded(model.to(world.device), encoded, tokenizer.pad_token_id, label_ids, world,
-                           cfg.batch_size, autocast_dtype(cfg, world.device), desc="label")
+    scores = score(cfg, world, model, tokenizer, encoded or encode_pool(cfg, tokenizer, pool), "label")
     prob_a = scores["prob_a"]
     labels = pseudo_label(prob_a)
     gold = np.array([u.gold for u in pool], dtype=object)
@@ -191,13 +198,17 @@ def gold_report(prob_a, labels, gold, keep):
             "accuracy_by_confidence": bins}
 
 
+def chosen_rejected(response_a, response_b, label):
+    """(chosen, rejected) of a pair whose label ('a' or 'b') names the better response."""
+    return (response_a, response_b) if label == "a" else (response_b, response_a)
+
+
 def as_pairs(rows):
     """Kept rows as training pairs {prompt, chosen, rejected}, the pseudo-label deciding."""
     out = []
     for row in rows:
         if row["keep"]:
-            a_wins = row["pseudo_label"] == "a"
-            chosen, rejected = (row["response_a"], row["response_b"]) if a_wins else (row["response_b"], row["response_a"])
+            chosen, rejected = chosen_rejected(row["response_a"], row["response_b"], row["pseudo_label"])
             out.append({"prompt": row["prompt"], "chosen": chosen, "rejected": rejected})
     return out
 
@@ -224,7 +235,7 @@ def run_self_training(cfg, world, labeled, pool, eval_pairs=None):
     model = None
     # tokenized once: the pool's and the eval set's text do not change between rounds
     tokenizer = load_tokenizer(cfg)
-    encoded, _ = encode_pool(cfg, tokenizer, pool)
+    pool_ids, label_ids = encode_pool(cfg, tokenizer, pool)
     evaluation = (eval_pairs, encode_pairs(cfg, tokenizer, eval_pairs)) if eval_pairs else None
     if not rounds:  # ------------------------------------------------ round 0: the seed model
         start = time.time()
@@ -254,7 +265,7 @@ def run_self_training(cfg, world, labeled, pool, eval_pairs=None):
             if model is None:
                 model = load_model(cfg, last_model(cfg, rounds), tokenizer)[0]
             rows, summary = relabel(cfg, world, model, tokenizer, [pool[i] for i in remaining],
-                                    [encoded[i] for i in remaining])
+                                    ([pool_ids[i] for i in remaining], label_ids))
             for row, i in zip(rows, remaining):
                 row["pool_index"] = i
             if world.master:
@@ -270,7 +281,7 @@ def run_self_training(cfg, world, labeled, pool, eval_pairs=None):
             selected.update(read_selected(rows))
             pseudo = selected
         else:
-            pseudo = {row["pool_index"]: row["pseudo_label"] for row in rows if row["keep"]}
+            pseudo = read_selected(rows)
         train_pairs = labeled + [pool_pair(pool[i], label) for i, label in sorted(pseudo.items())]
         golds = [pool[i].gold == label for i, label in pseudo.items() if pool[i].gold is not None]
         record.update(train_size=len(train_pairs), pseudo_labeled=len(pseudo),
@@ -297,8 +308,7 @@ def last_model(cfg, rounds):
 
 
 def pool_pair(u, label):
-    chosen, rejected = (u.response_a, u.response_b) if label == "a" else (u.response_b, u.response_a)
-    return Pair(u.prompt, chosen, rejected)
+    return Pair(u.prompt, *chosen_rejected(u.response_a, u.response_b, label))
 
 
 def read_jsonl(path):
