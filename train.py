@@ -4,6 +4,7 @@
     python train.py --model_type=rm --filter=status   # the demo's SER variant
     python train.py --model_type=pm --model=M --train_file=L.jsonl --out_dir=D
     python train.py --model_type=rm --lora=true --model=M --train_file=L.jsonl --out_dir=D
+    python train.py --model=M --train_file=L.jsonl --preview=5          # the first 5 sequences as the model sees them
     python train.py --model_type=pm --model=M --train_file=L.jsonl --unlabeled_file=U.jsonl \
         --rounds=3 --filter=confidence --eval_file=E.jsonl --out_dir=D     # SSRM
     python train.py --model_type=rm --model=M --train_file=L.jsonl --unlabeled_file=U.jsonl \
@@ -12,22 +13,33 @@
 
 `python train.py --help` lists every setting.
 """
+import contextlib
 import dataclasses
 import os
 import sys
+import tempfile
 
 from selfrm import dist, toy
 from selfrm.data import DataError, load_pairs, load_unlabeled, split_labeled
 from selfrm.files import read_json, write_json
-from selfrm.selftrain import eval_accuracy, format_table, run_self_training, run_training, train_run
+from selfrm.selftrain import (eval_accuracy, format_table, input_report, preview, run_self_training, run_training,
+                             train_run)
 from selfrm.settings import SettingsError, TrainSettings, parse_args
 
 
 def main(cfg):
+    if cfg.preview > 0:  # JSON lines on stdout, everything else on stderr, nothing written
+        out = sys.stdout
+        with tempfile.TemporaryDirectory() as scratch, contextlib.redirect_stdout(sys.stderr):
+            return run(cfg, scratch, preview_to=out)
+    return run(cfg, os.path.join(cfg.out_dir, "data"))
+
+
+def run(cfg, demo_data_dir, preview_to=None):
     # ---------------------------------------------------------------- the demo's data, when no file is given
     demo = cfg.model == "toy" and not cfg.train_file and not cfg.unlabeled_file
     if demo:
-        files = toy.write_demo_data(os.path.join(cfg.out_dir, "data"), cfg.seed)
+        files = toy.write_demo_data(demo_data_dir, cfg.seed)
         algorithm = ("SSRM: pairwise model, confidence filter" if cfg.filter == "confidence" else
                      "SER: scalar model, learning-status filter" if cfg.filter == "status" else f"filter={cfg.filter}")
         dist.print0(f"selfrm demo ({algorithm}) on the toy task of selfrm/toy.py: round 0 trains on the labeled "
@@ -47,6 +59,9 @@ def main(cfg):
     eval_pairs = load_pairs(cfg.eval_file, cfg.format, cfg.bad_rows) if cfg.eval_file else None
     if not labeled and not (pool and cfg.skip_initial_training):
         raise SettingsError("--train_file is required (or --unlabeled_file with --skip_initial_training=true)")
+    if preview_to is not None:
+        return preview(cfg, labeled, preview_to)
+    inputs = input_report(eval_pairs, labeled, pool)
     # ---------------------------------------------------------------- init
     world = dist.compute_init()
     try:
@@ -54,8 +69,8 @@ def main(cfg):
                     (f", {len(eval_pairs)} eval pairs" if eval_pairs else ""))
         # ------------------------------------------------------------ train (and self-train)
         if pool is None:
-            return run_training(cfg, world, labeled, eval_pairs)
-        rounds = run_self_training(cfg, world, labeled, pool, eval_pairs)
+            return run_training(cfg, world, labeled, eval_pairs, inputs)
+        rounds = run_self_training(cfg, world, labeled, pool, eval_pairs, inputs)
         if demo:  # the upper bound: the same model trained on every pool label
             rounds = rounds + [supervised_reference(cfg, world, load_pairs(files["full"]), eval_pairs)]
         dist.print0("\n" + format_table(rounds))

@@ -1,5 +1,5 @@
-"""Data: file readers -> `Pair` / `UnlabeledPair`; the templates of both model kinds;
-tokenization with left truncation of the prompt; one collator per model kind.
+"""Data: file readers -> `Pair` / `UnlabeledPair`; the encoder that renders and tokenizes
+them (templates and truncation: selfrm/templates.py); one collator per model kind.
 
 A prompt is always a list of messages `[{"role", "content"}]` once read; a plain string in a
 file is one user turn. Every reader error names the file, the line (or array item) and the
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from selfrm.dist import print0
+from selfrm.templates import ChatTemplate, context_parts, cut_responses, join, pm_parts, segment_tokens
 
 ROLES = ("system", "user", "assistant")
 
@@ -30,6 +31,7 @@ class Pair:
     rejected: str
     margin: float = 0.0
     extra: dict = field(default_factory=dict)  # the row's other fields, passed through
+    where: str = field(default="", compare=False)  # 'file:line' it was read from, for error messages
 
 
 @dataclass
@@ -40,6 +42,7 @@ class UnlabeledPair:
     response_b: str
     row: dict  # the input row as read, written back out with the scores
     gold: str = None
+    where: str = field(default="", compare=False)  # 'file:line' it was read from, for error messages
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -115,7 +118,7 @@ def pair_from_row(row, where):
     if isinstance(margin, bool) or not isinstance(margin, (int, float)):
         raise DataError(f"{where}: field 'margin' must be a number")
     extra = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected", "margin")}
-    return Pair(prompt, chosen, rejected, float(margin), extra)
+    return Pair(prompt, chosen, rejected, float(margin), extra, where)
 
 
 def unlabeled_from_row(row, where):
@@ -125,7 +128,7 @@ def unlabeled_from_row(row, where):
         raise DataError(f"{where}: field 'label' must be 'a' or 'b'")
     if gold is None and isinstance(row.get("chosen"), str):
         gold = "a" if row["chosen"] == a else "b" if row["chosen"] == b else None
-    return UnlabeledPair(prompt, a, b, row, gold)
+    return UnlabeledPair(prompt, a, b, row, gold, where)
 
 
 # ----------------------------------------------------------------------------- formats
@@ -266,7 +269,7 @@ def pairs_to_pool(pairs, seed):
     for p, swap in zip(pairs, swaps):
         a, b = (p.rejected, p.chosen) if swap else (p.chosen, p.rejected)
         row = {**p.extra, "prompt": p.prompt, "response_a": a, "response_b": b, "label": "b" if swap else "a"}
-        pool.append(UnlabeledPair(p.prompt, a, b, row, "b" if swap else "a"))
+        pool.append(UnlabeledPair(p.prompt, a, b, row, "b" if swap else "a", p.where))
     return pool
 
 
@@ -277,18 +280,7 @@ def split_labeled(pairs, fraction, seed):
     return [pairs[i] for i in sorted(order[:n])], pairs_to_pool([pairs[i] for i in sorted(order[n:])], seed)
 
 
-# ----------------------------------------------------------------------------- templates
-
-def render_context(messages):
-    """The pair-pm rendering of a conversation (SPEC 1a)."""
-    turns = "".join(f"\n\n<turn> {m['role']}\n {m['content']}" for m in messages)
-    return "\n" + turns + "\n\n\n"
-
-
-def pm_instruction(messages, first, second):
-    """The one user message a pairwise model reads; it answers `A` (first better) or `B`."""
-    return f"[CONTEXT] {render_context(messages)} [RESPONSE A] {first} [RESPONSE B] {second} \n"
-
+# ----------------------------------------------------------------------------- encoding
 
 def single_token_id(tokenizer, text):
     ids = tokenizer.encode(text, add_special_tokens=False)
@@ -299,100 +291,165 @@ def single_token_id(tokenizer, text):
 
 
 class Encoder:
-    """Renders and tokenizes pairs for one model kind, truncating over-long prompts.
+    """Renders and tokenizes pairs for one model kind, at most max_length tokens each.
 
-    pm: one sequence per ordered pair; the label token (`A`/`B`) is predicted at its last
-        position (after the chat template's assistant header, or after the plain instruction).
-    rm: one sequence per (prompt, response); the reward is read at its end.
-    Truncation drops tokens from the left of the conversation body (the instruction for pm,
-    the prompt then the response for rm) and never touches the template's head or tail, so
-    the label position and the end of the response always survive.
+    pm: one sequence per ordered pair, the instruction of SPEC 1a as one user message through
+        the chat template (or plain); the label token (`A`/`B`) is predicted at its last
+        position, after the assistant header.
+    rm: one sequence per (prompt, response), the response as the assistant turn; the reward
+        is read at its end.
+    A sequence longer than max_length is truncated by the rules of selfrm/templates.py
+    (content only, never the template) or, with overlong='drop', left out of training.
+    `truncated` and `dropped` count pairs since this encoder was made.
     """
 
-    def __init__(self, tokenizer, model_type, max_length):
+    def __init__(self, tokenizer, model_type, max_length, overlong="truncate"):
         if not tokenizer.is_fast:
             raise ValueError("selfrm needs a fast (Rust) tokenizer: it uses offset mappings to truncate")
-        self.tokenizer, self.model_type, self.max_length = tokenizer, model_type, max_length
-        self.chat = bool(getattr(tokenizer, "chat_template", None))
+        self.tokenizer, self.model_type, self.max_length, self.overlong = tokenizer, model_type, max_length, overlong
+        self.chat = ChatTemplate(tokenizer) if getattr(tokenizer, "chat_template", None) else None
         self.label_ids = {}
         if model_type == "pm":
             self.label_ids = {"A": single_token_id(tokenizer, "A"), "B": single_token_id(tokenizer, "B")}
-        self.truncated = 0  # examples that lost tokens, since this encoder was made
+        self.truncated = self.dropped = 0
+
+    # -- rendering (as parts: see templates.py)
+
+    def pm_sequence(self, prompt, first, second):
+        body = pm_parts(prompt, first, second)
+        return self.chat.parts([("user", body)], add_generation_prompt=True) if self.chat else body
+
+    def rm_sequence(self, prompt, response):
+        if not self.chat:
+            return context_parts(prompt + [{"role": "assistant", "content": response}], last_is_response=True)
+        return self.chat.parts([(m["role"], [(m["content"], ("turn", i))]) for i, m in enumerate(prompt)] +
+                               [("assistant", [(response, ("response", 0))])])
 
     def pm_text(self, prompt, first, second):
-        body = pm_instruction(prompt, first, second)
-        if not self.chat:
-            return body, (0, len(body))
-        text = self.tokenizer.apply_chat_template([{"role": "user", "content": body}], tokenize=False,
-                                                  add_generation_prompt=True)
-        return text, _span(text, body)
+        return join(self.pm_sequence(prompt, first, second))
 
     def rm_text(self, prompt, response):
-        if not self.chat:
-            text = render_context(prompt + [{"role": "assistant", "content": response}])
-            return text, (0, len(text))
-        messages = prompt + [{"role": "assistant", "content": response}]
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False)
-        start, _ = _span(text, prompt[0]["content"])
-        _, end = _span(text, response, last=True)
-        return text, (start, end)
+        return join(self.rm_sequence(prompt, response))
 
-    def encode(self, texts_and_spans, chunk=1024):
-        """Token ids of each (text, body span), truncated from the body's left to max_length."""
+    # -- tokenizing and fitting
+
+    def _tokenize(self, parts, offsets=True):
+        enc = self.tokenizer(join(parts), add_special_tokens=self.chat is None, return_offsets_mapping=offsets,
+                             return_special_tokens_mask=offsets)
+        if not offsets:
+            return enc["input_ids"]
+        return enc["input_ids"], segment_tokens(parts, enc["offset_mapping"], enc["special_tokens_mask"])
+
+    def encode_examples(self, examples, drop=False, chunk=512):
+        """examples: (prompt, responses, render, where); render(prompt, responses) -> list of
+        parts (the sequences of one example). Returns per example (its list of id lists, or
+        None where drop=True and it is too long; whether it was cut). Examples that fit are
+        tokenized in batches; only over-long ones go through fit()."""
         out = []
-        for i in range(0, len(texts_and_spans), chunk):
-            part = texts_and_spans[i:i + chunk]
-            enc = self.tokenizer([t for t, _ in part], add_special_tokens=not self.chat,
-                                 return_offsets_mapping=True, return_special_tokens_mask=True)
-            for (_, (lo, hi)), ids, offsets, special in zip(part, enc["input_ids"], enc["offset_mapping"],
-                                                            enc["special_tokens_mask"]):
-                out.append(self._truncate(ids, offsets, special, lo, hi))
+        for i in range(0, len(examples), chunk):
+            part = examples[i:i + chunk]
+            rendered = [render(prompt, responses) for prompt, responses, render, _ in part]
+            flat = self.tokenizer([join(p) for seqs in rendered for p in seqs], add_special_tokens=self.chat is None)
+            ids = iter(flat["input_ids"])
+            for (prompt, responses, render, where), seqs in zip(part, rendered):
+                mine = [next(ids) for _ in seqs]
+                if max(map(len, mine)) <= self.max_length:
+                    out.append((mine, False))
+                else:
+                    out.append((None if drop else self.fit(prompt, responses, render, where), True))
         return out
 
-    def _truncate(self, ids, offsets, special, lo, hi):
-        excess = len(ids) - self.max_length
-        if excess <= 0:
-            return ids
-        body = [i for i, ((s, e), sp) in enumerate(zip(offsets, special)) if not sp and s >= lo and e <= hi]
-        if len(body) <= excess:
-            raise ValueError(f"max_length={self.max_length} leaves no room for the text: the template "
-                             f"alone takes {len(ids) - len(body)} tokens")
-        self.truncated += 1
-        drop = set(body[:excess])
-        return [t for i, t in enumerate(ids) if i not in drop]
+    def fit(self, prompt, responses, render, where):
+        """The sequences of one example cut to max_length by the rules of templates.py."""
+        L = self.max_length
+        for k in range(len(prompt)):  # the fewest oldest turns to drop so that the template fits
+            kept = prompt[k:]
+            parts = render(kept, responses)[0]
+            ids, segs = self._tokenize(parts)
+            context = [segs.get(("turn", i), []) for i in range(len(kept))]
+            n_context, n_responses = sum(map(len, context)), [len(segs.get(("response", j), [])) for j in range(len(responses))]
+            fixed = len(ids) - n_context - sum(n_responses)
+            if fixed + min(1, n_context) + sum(n_responses) <= L:
+                break
+        needed = fixed + min(1, n_context) + len(responses)  # the template, one token of context and of each response
+        text = {seg: t for t, seg in parts if seg is not None}
+        # the cut depends on the responses, not their order: both orders of a pair get the same text
+        order = sorted(range(len(responses)), key=lambda j: (-n_responses[j], responses[j]))
+        extra = 0  # tokens that re-tokenizing the cut text added (merges at the cut)
+        for _ in range(8):
+            keep_context = max(min(n_context, L - extra - fixed - sum(n_responses)), min(1, n_context))
+            excess = fixed + keep_context + sum(n_responses) + extra - L
+            keep = cut_responses([n_responses[j] for j in order], max(excess, 0))
+            if keep is None:
+                break
+            keep = [keep[order.index(j)] for j in range(len(responses))]
+            new_prompt = cut_context(kept, context, text, n_context - keep_context)
+            new_responses = [text.get(("response", j), r)[:segs[("response", j)][n - 1][1]] if n < n_responses[j] else r
+                             for j, (r, n) in enumerate(zip(responses, keep))]
+            seqs = [self._tokenize(p, offsets=False) for p in render(new_prompt, new_responses)]
+            over = max(map(len, seqs)) - L
+            if over <= 0:
+                return seqs
+            extra += over
+        raise DataError(f"{where or 'a pair'}: does not fit in max_length={L}: the template with one token of context "
+                        f"and of each response needs {needed} tokens; use --max_length={needed} or more")
 
     # -- what the training loop and the scorers consume
 
     def encode_train(self, pairs, swaps):
-        """Training examples. pm: chosen goes to B where swaps[i] (the label is then `B`)."""
+        """Training examples. pm: chosen goes to B where swaps[i] (the label is then `B`).
+        With overlong='drop', pairs longer than max_length are left out."""
+        drop = self.overlong == "drop"
         if self.model_type == "pm":
-            texts = [self.pm_text(p.prompt, p.rejected, p.chosen) if s else self.pm_text(p.prompt, p.chosen, p.rejected)
-                     for p, s in zip(pairs, swaps)]
-            labels = [self.label_ids["B" if s else "A"] for s in swaps]
-            return [{"input_ids": ids, "label": y} for ids, y in zip(self.encode(texts), labels)]
-        ids = self.encode([self.rm_text(p.prompt, r) for p in pairs for r in (p.chosen, p.rejected)])
-        return [{"chosen_ids": ids[2 * i], "rejected_ids": ids[2 * i + 1], "margin": p.margin}
-                for i, p in enumerate(pairs)]
+            one_order = lambda prompt, r: [self.pm_sequence(prompt, r[0], r[1])]
+            encoded = self.encode_examples([(p.prompt, [p.rejected, p.chosen] if s else [p.chosen, p.rejected],
+                                             one_order, p.where) for p, s in zip(pairs, swaps)], drop)
+            self._count(encoded)
+            return [{"input_ids": ids[0], "label": self.label_ids["B" if s else "A"]}
+                    for (ids, _), s in zip(encoded, swaps) if ids is not None]
+        encoded = self._rm_pairs([p.prompt for p in pairs], [p.chosen for p in pairs], [p.rejected for p in pairs],
+                                 [p.where for p in pairs], drop)
+        return [{"chosen_ids": c, "rejected_ids": r, "margin": p.margin}
+                for (c, r), p in zip(encoded, pairs) if c is not None]
 
-    def encode_score(self, prompts, firsts, seconds):
+    def encode_score(self, prompts, firsts, seconds, wheres=None):
         """Scoring inputs for each pair, in pair order: pm -> both orders (first, second) and
-        (second, first); rm -> the two responses. Two id lists per pair."""
-        if self.model_type == "pm":
-            texts = [t for p, a, b in zip(prompts, firsts, seconds)
-                     for t in (self.pm_text(p, a, b), self.pm_text(p, b, a))]
-        else:
-            texts = [t for p, a, b in zip(prompts, firsts, seconds) for t in (self.rm_text(p, a), self.rm_text(p, b))]
-        ids = self.encode(texts)
-        return [(ids[2 * i], ids[2 * i + 1]) for i in range(len(prompts))]
+        (second, first), cut alike; rm -> the two responses. Two id lists per pair. Every
+        pair is truncated to fit (scoring never drops)."""
+        wheres = wheres or [None] * len(prompts)
+        if self.model_type == "rm":
+            return self._rm_pairs(prompts, firsts, seconds, wheres)
+        both = lambda prompt, r: [self.pm_sequence(prompt, r[0], r[1]), self.pm_sequence(prompt, r[1], r[0])]
+        encoded = self.encode_examples([(p, [a, b], both, w) for p, a, b, w in zip(prompts, firsts, seconds, wheres)])
+        self._count(encoded)
+        return [tuple(ids) for ids, _ in encoded]
+
+    def _rm_pairs(self, prompts, firsts, seconds, wheres, drop=False):
+        """(ids of first, ids of second) per pair; (None, None) for a dropped pair."""
+        one = lambda prompt, r: [self.rm_sequence(prompt, r[0])]
+        encoded = self.encode_examples([(p, [r], one, w) for p, a, b, w in zip(prompts, firsts, seconds, wheres)
+                                        for r in (a, b)], drop)
+        pairs = [(encoded[2 * i], encoded[2 * i + 1]) for i in range(len(prompts))]
+        merged = [(None if a is None or b is None else [a[0], b[0]], cut_a or cut_b) for (a, cut_a), (b, cut_b) in pairs]
+        self._count(merged)
+        return [tuple(ids) if ids is not None else (None, None) for ids, _ in merged]
+
+    def _count(self, encoded):
+        self.dropped += sum(ids is None for ids, _ in encoded)
+        self.truncated += sum(ids is not None and cut for ids, cut in encoded)
 
 
-def _span(text, part, last=False):
-    """Character span of `part` in `text`; templates may trim the content, so try that too."""
-    for candidate in (part, part.strip()):
-        i = text.rfind(candidate) if last else text.find(candidate)
-        if i >= 0 and candidate:
-            return i, i + len(candidate)
-    return 0, len(text)  # a template that rewrites the content: the whole text is the body
+def cut_context(prompt, context_tokens, text, drop):
+    """The prompt without its `drop` oldest content tokens (roles and turns stay)."""
+    out = []
+    for i, (m, tokens) in enumerate(zip(prompt, context_tokens)):
+        content = text.get(("turn", i), m["content"])
+        if drop >= len(tokens):
+            content, drop = ("" if tokens else content), drop - len(tokens)
+        elif drop > 0:
+            content, drop = content[tokens[drop][0]:], 0
+        out.append({"role": m["role"], "content": content})
+    return out
 
 
 # ----------------------------------------------------------------------------- collators

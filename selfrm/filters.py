@@ -41,14 +41,14 @@ def learning_status(score_a, score_b, tau_high=0.55, tau_low=0.45, tau_delta=0.3
 
     Status 1 (tell good from bad): one response has p > tau_high and the other p < tau_low.
     Status 2 (separate similar answers): |p(a1) - p(a2)| > tau_delta.
-    A status is met when at least max(min_count, ceil(min_fraction * N)) pairs qualify.
+    A status is met when at least max(min_count, ceil(min_fraction * N), 1) pairs qualify.
     sequential (the paper): status 1 if met, else status 2 if met, else 'converged' (the
     loop stops). union (the released code): the pairs that meet either, in one pass.
     """
     a, b = np.asarray(score_a, dtype=np.float64), np.asarray(score_b, dtype=np.float64)
     s1 = ((a > tau_high) & (b < tau_low)) | ((b > tau_high) & (a < tau_low))
     s2 = np.abs(a - b) > tau_delta
-    needed = max(min_count, math.ceil(min_fraction * len(a)))
+    needed = max(min_count, math.ceil(min_fraction * len(a)), 1)  # an empty selection is never 'met'
     if mode == "union":
         keep = s1 | s2
         met = "union" if keep.sum() >= needed else "converged"

@@ -2,7 +2,8 @@
 reward-model kinds as small `nn.Module`s that DDP wraps.
 
 - `PreferenceModel` (pm): a causal LM; only the hidden state at the label position goes
-  through the LM head, so no (B, T, V) logits tensor is ever built.
+  through the LM head (and the LM's own logit scaling), so no (B, T, V) logits tensor is
+  ever built.
 - `RewardModel` (rm): a sequence classifier with one output; the reward is its logit.
 """
 import json
@@ -10,9 +11,9 @@ import os
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from selfrm import toy
 from selfrm.files import atomic_dir
@@ -31,23 +32,45 @@ class PreferenceModel(nn.Module):
         return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
 
     def forward(self, input_ids, attention_mask, label_positions, token_ids=None):
-        """Next-token logits at label_positions: (B, V), or (B, len(token_ids)) when only
-        the rows of `token_ids` (e.g. the ids of `A` and `B`) are wanted. fp32."""
+        """Next-token logits at label_positions, fp32: (B, V), or (B, len(token_ids)) when only
+        the columns of `token_ids` (e.g. the ids of `A` and `B`) are wanted.
+
+        The backbone runs on the whole sequence; the LM's own forward then runs on the label
+        positions' hidden states only, so its head and whatever the architecture does to its
+        logits (Gemma's soft-capping, Cohere's logit_scale, Granite's logits_scaling, ...)
+        apply exactly as in a full forward, without the (B, T, V) logits of one."""
         hf = self.hf
-        hidden = hf.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        backbone = getattr(hf, hf.base_model_prefix)
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         label_hidden = hidden[torch.arange(hidden.size(0), device=hidden.device), label_positions]
-        head = hf.get_output_embeddings()
-        if token_ids is not None and isinstance(head, nn.Linear):
-            bias = head.bias[token_ids] if head.bias is not None else None
-            logits = F.linear(label_hidden, head.weight[token_ids], bias)
-        else:
-            logits = head(label_hidden)
-            if token_ids is not None:
-                logits = logits[:, token_ids]
-        softcap = getattr(hf.config, "final_logit_softcapping", None)  # Gemma 2 caps its logits
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
+        setattr(hf, hf.base_model_prefix, _Given(backbone, label_hidden[:, None]))
+        try:
+            logits = hf(input_ids=input_ids[:, :1], use_cache=False).logits[:, -1]
+        finally:
+            setattr(hf, hf.base_model_prefix, backbone)
+        if token_ids is not None:
+            logits = logits[:, token_ids]
         return logits.float()
+
+
+class _Given(nn.Module):
+    """Stands in for a causal LM's backbone for one call: returns the hidden states it was
+    given. Attributes the LM reads off its backbone (Falcon-H1's lm_head_multiplier) come
+    from the real one."""
+
+    def __init__(self, backbone, hidden):
+        super().__init__()
+        object.__setattr__(self, "backbone", backbone)  # not a submodule: its weights stay where they are
+        self.hidden = hidden
+
+    def forward(self, *args, **kwargs):
+        return BaseModelOutputWithPast(last_hidden_state=self.hidden)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "backbone"), name)
 
 
 class RewardModel(nn.Module):
@@ -155,6 +178,11 @@ def add_lora(model, cfg):
     else:
         model.model = get_peft_model(model.model, lora)
     return model
+
+
+def has_adapters(model):
+    """Whether the model already carries LoRA adapters (it was loaded from a saved adapter)."""
+    return hasattr(_hf_module(model), "peft_config")
 
 
 def _hf_module(model):

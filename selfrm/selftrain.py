@@ -13,16 +13,16 @@ import numpy as np
 import torch
 
 from selfrm import dist, settings
-from selfrm.data import Encoder, Pair
+from selfrm.data import Encoder, Pair, example_length
 from selfrm.files import read_json, write_json, write_jsonl
 from selfrm.filters import confidence, confidence_filter, learning_status, pseudo_label
 from selfrm.metrics import accuracy
-from selfrm.modeling import add_lora, load_model, load_tokenizer
+from selfrm.modeling import add_lora, has_adapters, load_model, load_tokenizer
 from selfrm.scoring import score_encoded, sigmoid
-from selfrm.trainer import autocast_dtype, train
+from selfrm.trainer import autocast_dtype, global_batches, micro_batches, train
 
 # settings that do not change what a run computes: a resumed run may differ in these
-RUN_INDEPENDENT = {"resume", "log_every", "save_every", "batch_size", "out_dir"}
+RUN_INDEPENDENT = {"resume", "log_every", "save_every", "batch_size", "out_dir", "preview"}
 
 
 def check_out_dir(cfg, world):
@@ -57,40 +57,88 @@ def train_run(cfg, world, pairs, run_dir, source, round_index=0, name=None):
         return model, tokenizer, {"pairs": len(pairs), "resumed": "finished"}
     torch.manual_seed(cfg.seed + round_index)  # dropout, and the init of a toy model
     model, tokenizer = load_model(cfg, source)
-    if cfg.lora:
+    if cfg.lora and not has_adapters(model):  # a saved adapter (--init_from=previous) trains on as it is
         add_lora(model, cfg)
-    encoder = Encoder(tokenizer, cfg.model_type, cfg.max_length)
-    # SPEC 1a: the chosen response goes to A or B at random, seeded per round
-    swaps = np.random.default_rng([cfg.seed, 1000 + round_index]).random(len(pairs)) < 0.5
-    examples = encoder.encode_train(pairs, swaps)
-    if encoder.truncated:
-        dist.print0(f"{name}: {encoder.truncated} of {len(pairs)} training pairs were longer than "
-                    f"max_length={cfg.max_length} and lost the start of their prompt")
+    examples, encoder = encode_training(cfg, tokenizer, pairs, round_index, name)
     summary = train(cfg, model, tokenizer, examples, run_dir, world, settings.to_dict(cfg), encoder.label_ids,
                     desc=name)
-    summary["truncated"] = encoder.truncated
+    summary.update(truncated=encoder.truncated, dropped=encoder.dropped)
     return model, tokenizer, summary
 
 
-def encode_for_scoring(cfg, tokenizer, prompts, firsts, seconds, what):
+def encode_training(cfg, tokenizer, pairs, round_index=0, name="round 0"):
+    """The training examples of a round, and the encoder (its label ids and cut counts)."""
+    encoder = Encoder(tokenizer, cfg.model_type, cfg.max_length, cfg.overlong)
+    examples = encoder.encode_train(pairs, placement(cfg, len(pairs), round_index))
+    report_cuts(encoder, len(pairs), f"{name}: training pairs", cfg)
+    if not examples:
+        raise SystemExit(f"{name}: every training pair is longer than max_length={cfg.max_length} "
+                         f"(--overlong=drop): nothing is left to train on")
+    return examples, encoder
+
+
+def placement(cfg, n, round_index):
+    """SPEC 1a: the chosen response goes to A (False) or B (True) at random, seeded per round."""
+    return np.random.default_rng([cfg.seed, 1000 + round_index]).random(n) < 0.5
+
+
+def report_cuts(encoder, n, what, cfg):
+    """Say how many pairs were cut or left out; returns the counts for the manifest."""
+    counts = {"pairs": n, "truncated": encoder.truncated, "dropped": encoder.dropped}
+    if encoder.truncated or encoder.dropped:
+        dist.print0(f"{what}: {encoder.truncated} of {n} truncated to max_length={cfg.max_length}"
+                    + (f", {encoder.dropped} dropped (--overlong=drop)" if encoder.dropped else ""))
+    return counts
+
+
+def preview(cfg, pairs, out):
+    """Write the first cfg.preview training sequences of round 0 to `out`, exactly as the model
+    receives them (rendered, truncated, decoded with special tokens), in the order training
+    feeds them (one process): one JSON object a line {"text", "label", "tokens"}, label
+    A/B (pm) or chosen/rejected (rm)."""
+    tokenizer = load_tokenizer(cfg)
+    examples, encoder = encode_training(cfg, tokenizer, pairs)
+    world, name = dist.Dist(), {v: k for k, v in encoder.label_ids.items()}
+    lengths = [example_length(e) for e in examples]
+    sequences = []
+    for batch in global_batches(lengths, cfg, world, 0):
+        for micro in micro_batches(batch, cfg, world):
+            group = [examples[i] for i in micro]
+            if cfg.model_type == "pm":  # in the order the collator stacks them
+                sequences += [(e["input_ids"], name[e["label"]]) for e in group]
+            else:
+                sequences += [(e["chosen_ids"], "chosen") for e in group] + [(e["rejected_ids"], "rejected") for e in group]
+        if len(sequences) >= cfg.preview:
+            break
+    for ids, label in sequences[:cfg.preview]:
+        out.write(json.dumps({"text": tokenizer.decode(ids, skip_special_tokens=False), "label": label,
+                              "tokens": len(ids)}, ensure_ascii=False) + "\n")
+    out.flush()
+    return sequences[:cfg.preview]
+
+
+def encode_for_scoring(cfg, tokenizer, prompts, firsts, seconds, wheres, what, counts=None):
     """Scoring inputs (Encoder.encode_score) and the label token ids (None for rm): the pair
-    `(ids, label_ids)` that `score` takes. Tokenize once, score every round."""
+    `(ids, label_ids)` that `score` takes. Tokenize once, score every round. Scoring
+    truncates every over-long pair (none is dropped); `counts` receives the cut counts."""
     encoder = Encoder(tokenizer, cfg.model_type, cfg.max_length)
-    ids = encoder.encode_score(prompts, firsts, seconds)
-    if encoder.truncated:
-        dist.print0(f"{encoder.truncated} of {2 * len(prompts)} {what} sequences lost the start of their prompt")
+    ids = encoder.encode_score(prompts, firsts, seconds, wheres)
+    if counts is not None:
+        counts.update(report_cuts(encoder, len(prompts), what, cfg))
     return ids, encoder.label_ids or None
 
 
-def encode_pairs(cfg, tokenizer, pairs):
+def encode_pairs(cfg, tokenizer, pairs, counts=None):
     """Labeled pairs, with a = chosen and b = rejected."""
     return encode_for_scoring(cfg, tokenizer, [p.prompt for p in pairs], [p.chosen for p in pairs],
-                              [p.rejected for p in pairs], "eval")
+                              [p.rejected for p in pairs], [p.where for p in pairs], "eval pairs",
+                              {} if counts is None else counts)
 
 
-def encode_pool(cfg, tokenizer, pool):
+def encode_pool(cfg, tokenizer, pool, counts=None):
     return encode_for_scoring(cfg, tokenizer, [u.prompt for u in pool], [u.response_a for u in pool],
-                              [u.response_b for u in pool], "pool")
+                              [u.response_b for u in pool], [u.where for u in pool], "unlabeled pairs",
+                              {} if counts is None else counts)
 
 
 def score(cfg, world, model, tokenizer, encoded, desc):
@@ -111,20 +159,42 @@ def eval_accuracy(cfg, world, model, tokenizer, pairs, encoded=None):
     return accuracy(score_pairs(cfg, world, model, tokenizer, pairs, encoded), cfg.model_type)
 
 
-def run_training(cfg, world, pairs, eval_pairs=None):
-    """Plain supervised training (no unlabeled pool): out_dir/model and the manifest."""
+def run_training(cfg, world, pairs, eval_pairs=None, inputs=None):
+    """Plain supervised training (no unlabeled pool): out_dir/model and the manifest.
+    `inputs` (see input_report) goes into the manifest, with the cut counts of each file."""
     check_out_dir(cfg, world)
+    inputs = inputs or {}
     start = time.time()
     model, tokenizer, summary = train_run(cfg, world, pairs, cfg.out_dir, cfg.model)
     record = {"round": 0, "train_size": len(pairs), "pseudo_labeled_share": 0.0, **summary}
+    if "truncated" in summary:
+        inputs.setdefault("sequences", {})["train_file"] = {k: summary[k] for k in ("truncated", "dropped")}
     if eval_pairs:
-        record["eval_accuracy"] = eval_accuracy(cfg, world, model, tokenizer, eval_pairs)
+        encoded = encode_pairs(cfg, tokenizer, eval_pairs, inputs.setdefault("sequences", {}).setdefault("eval_file", {}))
+        record["eval_accuracy"] = eval_accuracy(cfg, world, model, tokenizer, eval_pairs, encoded)
         dist.print0(f"eval accuracy: {record['eval_accuracy']:.4f} on {len(eval_pairs)} pairs")
     record["seconds"] = time.time() - start
     if world.master:
-        write_json(os.path.join(cfg.out_dir, "manifest.json"), {"final_model": "model", "rounds": [record]})
+        write_json(os.path.join(cfg.out_dir, "manifest.json"), {"final_model": "model", "rounds": [record], **inputs})
     dist.print0(f"saved {os.path.join(cfg.out_dir, 'model')}")
     return record
+
+
+def input_report(eval_pairs, labeled, pool):
+    """Evaluation pairs that also appear (same prompt and responses, in either order) in the
+    training or the unlabeled data: an evaluation on them measures memory, not skill. Warns
+    with the counts and returns them for the manifest."""
+    if not eval_pairs:
+        return {}
+    key = lambda prompt, a, b: (json.dumps(prompt, sort_keys=True), frozenset((a, b)))
+    seen = {"train_file": {key(p.prompt, p.chosen, p.rejected) for p in labeled},
+            "unlabeled_file": {key(u.prompt, u.response_a, u.response_b) for u in pool or []}}
+    counts = {name: sum(key(p.prompt, p.chosen, p.rejected) in keys for p in eval_pairs) for name, keys in seen.items()}
+    for name, n in counts.items():
+        if n:
+            dist.print0(f"warning: {n} of {len(eval_pairs)} eval pairs also appear in the {name.replace('_', ' ')} "
+                        f"(same prompt and responses): their accuracy is not a held-out measure")
+    return {"eval_overlap": counts}
 
 
 # ----------------------------------------------------------------------------- relabeling
@@ -220,7 +290,7 @@ def summary_path(out_file):
 
 # ----------------------------------------------------------------------------- the rounds
 
-def run_self_training(cfg, world, labeled, pool, eval_pairs=None):
+def run_self_training(cfg, world, labeled, pool, eval_pairs=None, inputs=None):
     """Round 0 trains on the labeled set (or takes --model as it is, with
     --skip_initial_training); each round t = 1..cfg.rounds labels the pool with the last
     model, filters it and trains again on
@@ -231,12 +301,14 @@ def run_self_training(cfg, world, labeled, pool, eval_pairs=None):
     check_filter(cfg)
     check_out_dir(cfg, world)
     manifest_path = os.path.join(cfg.out_dir, "manifest.json")
-    rounds = read_json(manifest_path)["rounds"] if os.path.exists(manifest_path) else []
+    manifest = read_json(manifest_path) if os.path.exists(manifest_path) else {**(inputs or {}), "rounds": []}
+    rounds = manifest["rounds"]
+    sequences = manifest.setdefault("sequences", {})
     model = None
     # tokenized once: the pool's and the eval set's text do not change between rounds
     tokenizer = load_tokenizer(cfg)
-    pool_ids, label_ids = encode_pool(cfg, tokenizer, pool)
-    evaluation = (eval_pairs, encode_pairs(cfg, tokenizer, eval_pairs)) if eval_pairs else None
+    pool_ids, label_ids = encode_pool(cfg, tokenizer, pool, sequences.setdefault("unlabeled_file", {}))
+    evaluation = (eval_pairs, encode_pairs(cfg, tokenizer, eval_pairs, sequences.setdefault("eval_file", {}))) if eval_pairs else None
     if not rounds:  # ------------------------------------------------ round 0: the seed model
         start = time.time()
         if cfg.skip_initial_training:
@@ -246,7 +318,10 @@ def run_self_training(cfg, world, labeled, pool, eval_pairs=None):
             model, tokenizer, summary = train_run(cfg, world, labeled, round_dir(cfg, 0), cfg.model, 0)
             record = {"round": 0, "train_size": len(labeled), "pseudo_labeled": 0, "pseudo_labeled_share": 0.0,
                       "model": "round_0/model", "train_loss": summary.get("train_loss")}
-        finish_round(cfg, world, rounds, record, model, tokenizer, evaluation, start)
+            if "truncated" in summary:
+                sequences["train_file"] = {"pairs": len(labeled), "truncated": summary["truncated"],
+                                           "dropped": summary["dropped"]}
+        finish_round(cfg, world, manifest, record, model, tokenizer, evaluation, start)
 
     selected = {}  # SER: pool index -> pseudo-label, accumulated over rounds
     for t in range(1, cfg.rounds + 1):
@@ -276,7 +351,7 @@ def run_self_training(cfg, world, labeled, pool, eval_pairs=None):
         if cfg.filter == "status":
             record["status"] = summary["status_met"]
             if summary["status_met"] == "converged":  # recorded, and no new model
-                finish_round(cfg, world, rounds, record, None, tokenizer, None, start)
+                finish_round(cfg, world, manifest, record, None, tokenizer, None, start)
                 break
             selected.update(read_selected(rows))
             pseudo = selected
@@ -289,8 +364,9 @@ def run_self_training(cfg, world, labeled, pool, eval_pairs=None):
                       pseudo_label_accuracy=float(np.mean(golds)) if golds else None)
         source = cfg.model if cfg.init_from == "base" else last_model(cfg, rounds)
         model, tokenizer, summary = train_run(cfg, world, train_pairs, round_dir(cfg, t), source, t)
-        record.update(model=f"round_{t}/model", train_loss=summary.get("train_loss"))
-        finish_round(cfg, world, rounds, record, model, tokenizer, evaluation, start)
+        record.update(model=f"round_{t}/model", train_loss=summary.get("train_loss"),
+                      truncated=summary.get("truncated"), dropped=summary.get("dropped"))
+        finish_round(cfg, world, manifest, record, model, tokenizer, evaluation, start)
     return rounds
 
 
@@ -321,16 +397,17 @@ def read_selected(rows_or_path):
     return {row["pool_index"]: row["pseudo_label"] for row in rows if row["keep"]}
 
 
-def finish_round(cfg, world, rounds, record, model, tokenizer, evaluation, start):
+def finish_round(cfg, world, manifest, record, model, tokenizer, evaluation, start):
     """Evaluate on evaluation = (pairs, their encoding), time and record a round; the
     manifest is rewritten after every round."""
     if evaluation and model is not None:
         record["eval_accuracy"] = eval_accuracy(cfg, world, model, tokenizer, *evaluation)
     record["seconds"] = time.time() - start
+    rounds = manifest["rounds"]
     rounds.append(record)
+    manifest["final_model"] = os.path.relpath(last_model(cfg, rounds), cfg.out_dir)
     if world.master:
-        write_json(os.path.join(cfg.out_dir, "manifest.json"),
-                   {"final_model": os.path.relpath(last_model(cfg, rounds), cfg.out_dir), "rounds": rounds})
+        write_json(os.path.join(cfg.out_dir, "manifest.json"), {"final_model": manifest["final_model"], **manifest})
     summary = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
                         if k in ("train_size", "kept", "status", "pseudo_label_accuracy", "eval_accuracy"))
     dist.print0(f"round {record['round']} done in {record['seconds']:.0f}s: {summary}")

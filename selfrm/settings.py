@@ -28,7 +28,7 @@ class ModelSettings:
     trust_remote_code: bool = False  # run code shipped with a hub model; off unless asked for
     format: str = "auto"  # data format: auto|jsonl|hh|sharegpt|stack_exchange
     bad_rows: str = "error"  # error: a bad row stops the run | skip: report each bad row (file:line: field), go on
-    max_length: int = 512  # tokens per sequence; longer ones lose the start of the prompt
+    max_length: int = 512  # tokens per sequence; longer pairs are cut (content only, oldest context first; see --overlong)
     dtype: str = "auto"  # bf16|fp16|fp32 autocast; auto = bf16 on a CUDA GPU that has it, else fp32
     seed: int = 0  # one seed for data order, A/B placement, splits and initialisation
 
@@ -70,6 +70,8 @@ class TrainSettings(ModelSettings, FilterSettings):
     micro_batch_size: int = 4  # pairs per forward on one rank (accumulation fills the rest)
     group_by_length: bool = False  # micro-batches of similar length inside each global batch
     gradient_checkpointing: bool = False  # trade compute for activation memory
+    overlong: str = "truncate"  # pairs over --max_length: truncate (cut content, never the template) | drop (leave out; the released code)
+    preview: int = 0  # print the first N training sequences as the model receives them (JSON lines), then exit
     margin: float = 0.0  # rm: m in -log sigmoid(r_c - r_r - m); a row's 'margin' field adds to it
     # LoRA
     lora: bool = False  # train LoRA adapters instead of all weights
@@ -118,6 +120,7 @@ CHOICES = {
     "schedule": ("cosine", "linear", "constant"),
     "init_from": ("base", "previous"),
     "emit": ("rows", "pairs"),
+    "overlong": ("truncate", "drop"),
 }
 
 

