@@ -48,9 +48,13 @@ class UnlabeledPair:
 # ----------------------------------------------------------------------------- reading files
 
 def read_rows(path):
-    """Yield (where, row) for a .jsonl, .jsonl.gz or .json (array) file; `where` is 'file:line'."""
+    """Yield (where, row) for a .jsonl, .jsonl.gz, .json (array) or .parquet file; `where` is
+    'file:line' ('file: row N' for Parquet, counting from 1)."""
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file")
+    if path.endswith(".parquet"):
+        yield from read_parquet(path)
+        return
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as f:
         text = f.read()
@@ -70,6 +74,24 @@ def read_rows(path):
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
         yield f"{path}:{i}", _as_object(row, f"{path}:{i}")
+
+
+def read_parquet(path):
+    """Parquet rows (what Hugging Face dataset repositories store) as Python objects, in
+    batches. Needs pyarrow, an optional dependency."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet needs pyarrow: pip install pyarrow") from None
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises its own error types for a damaged file
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+    i = 0
+    for batch in parquet.iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            i += 1
+            yield f"{path}: row {i}", row
 
 
 def _as_object(row, where):
@@ -195,8 +217,36 @@ def from_stack_exchange(row, where):
             "rejected": _text(row, "response_k", where)}
 
 
+def from_implicit_prompt(row, where):
+    """TRL's implicit-prompt preference rows: `chosen` and `rejected` are whole conversations
+    (lists of messages) that share their leading messages; the prompt is what they share,
+    the responses their final assistant messages."""
+    sides = {}
+    for key in ("chosen", "rejected"):
+        value = row.get(key)
+        if not isinstance(value, list) or not value:
+            raise DataError(f"{where}: field '{key}' must be a non-empty list of messages (implicit-prompt format)")
+        for i, m in enumerate(value):
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise DataError(f"{where}: field '{key}[{i}]' must be {{'role': system|user|assistant, 'content': string}}")
+        if value[-1]["role"] != "assistant":
+            raise DataError(f"{where}: field '{key}' does not end in an assistant message")
+        sides[key] = [{"role": m["role"], "content": m["content"]} for m in value]
+    chosen, rejected = sides["chosen"], sides["rejected"]
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+        shared += 1
+    if shared == 0:
+        raise DataError(f"{where}: fields 'chosen' and 'rejected' share no leading message: there is no prompt")
+    if len(chosen) != shared + 1 or len(rejected) != shared + 1:
+        raise DataError(f"{where}: fields 'chosen' and 'rejected' differ before their final assistant messages "
+                        f"(they share {shared} leading messages)")
+    extra = {k: v for k, v in row.items() if k not in ("chosen", "rejected")}
+    return {**extra, "prompt": chosen[:shared], "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
+
+
 READERS = {"jsonl": lambda row, where: row, "hh": from_hh, "sharegpt": from_sharegpt,
-           "stack_exchange": from_stack_exchange}
+           "stack_exchange": from_stack_exchange, "implicit_prompt": from_implicit_prompt}
 
 
 def detect_format(row):
@@ -206,6 +256,8 @@ def detect_format(row):
         return "stack_exchange"
     if "prompt" not in row and isinstance(row.get("chosen"), str) and row["chosen"].startswith(HH_HUMAN):
         return "hh"
+    if "prompt" not in row and isinstance(row.get("chosen"), list) and len(row["chosen"]) > 1:
+        return "implicit_prompt"
     return "jsonl"
 
 

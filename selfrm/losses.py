@@ -14,13 +14,20 @@ def srm_loss(label_logits, labels):
     return F.cross_entropy(label_logits.float(), labels, reduction="none")
 
 
-def pairwise_loss(chosen_rewards, rejected_rewards, margins=None):
+def pairwise_loss(chosen_rewards, rejected_rewards, margins=None, center_coefficient=0.0):
     """Pairwise (Bradley-Terry) loss (SER section 3, step 3):
-    l = -log sigmoid(r_chosen - r_rejected - m).
+    l = -log sigmoid(r_chosen - r_rejected - m)  [+ c * (r_chosen + r_rejected)^2].
 
+    The optional second term is TRL's `center_rewards_coefficient` (Eisenstein et al., 2023):
+    averaged over the batch it is c * mean((r_c + r_r)^2), which keeps the rewards centred
+    on zero (the pairwise term alone fixes only their differences).
     chosen_rewards, rejected_rewards: (B,); margins: (B,) or None (m = 0). Returns (B,).
     """
-    diff = chosen_rewards.float() - rejected_rewards.float()
+    chosen, rejected = chosen_rewards.float(), rejected_rewards.float()
+    diff = chosen - rejected
     if margins is not None:
         diff = diff - margins
-    return -F.logsigmoid(diff)
+    loss = -F.logsigmoid(diff)
+    if center_coefficient:
+        loss = loss + center_coefficient * (chosen + rejected) ** 2
+    return loss

@@ -61,6 +61,14 @@ def rewardbench_sections(subset_accuracy):
     return out
 
 
+def bin_index(x, n_bins):
+    """The bin [k/n, (k+1)/n) of each value (1.0 in the last), the one rule of the reliability
+    table and the histogram. Rounded first: 0.7 * 10 is 7.000000000000001 and np.linspace's
+    edge 0.7000000000000001, so without it 0.3, 0.6 and 0.7 land one bin apart between a
+    product rule and np.histogram."""
+    return np.clip(np.floor(np.round(np.asarray(x, dtype=np.float64) * n_bins, 9)).astype(int), 0, n_bins - 1)
+
+
 def calibration(prob_chosen, n_bins=10):
     """Calibration of P = the model's probability that the chosen response is preferred.
 
@@ -72,7 +80,7 @@ def calibration(prob_chosen, n_bins=10):
     conf = np.maximum(p, 1 - p)
     right = np.where(p > 0.5, 1.0, np.where(p == 0.5, 0.5, 0.0))
     edges = np.linspace(0, 1, n_bins + 1)
-    which = np.minimum((conf * n_bins).astype(int), n_bins - 1)
+    which = bin_index(conf, n_bins)
     table, ece = [], 0.0
     for b in range(n_bins):
         inside = which == b
@@ -81,7 +89,7 @@ def calibration(prob_chosen, n_bins=10):
             ece += inside.sum() / len(p) * abs(acc - mean_conf)
             table.append({"bin": f"{edges[b]:.1f}-{edges[b + 1]:.1f}", "count": int(inside.sum()),
                           "confidence": mean_conf, "accuracy": acc})
-    histogram = np.histogram(p, bins=edges)[0]
+    histogram = np.bincount(bin_index(p, n_bins), minlength=n_bins)
     return {"ece": float(ece), "brier": float(np.mean((1 - p) ** 2)),
             "nll": float(np.mean(-np.log(np.clip(p, 1e-12, 1.0)))), "reliability": table,
             "histogram": {"edges": [round(float(e), 2) for e in edges], "counts": histogram.tolist()}}

@@ -1,10 +1,12 @@
-"""Settings: one dataclass per script, and the `--key=value` parser that fills it.
+"""Settings: one dataclass per script, and the command-line parser that fills it.
 
-Every script takes `--key=value` flags and `--config=FILE.json` (a JSON object of the same
-keys; flags given after it on the command line win). An unknown key or a value of the wrong
-type is an error that names the key. The comment after each field is its documentation:
-`python train.py --help` prints it.
+Every script takes `--key value` or `--key=value` flags, a bare `--flag` for a boolean
+(`--no_flag` or `--flag=false` to turn it off), and `--config=FILE.json` (a JSON object of
+the same keys; flags given after it on the command line win). An unknown key, a value of the
+wrong type or one outside its choices is an error that names the key. The comment after each
+field is its documentation: `python train.py --help` prints it.
 """
+import argparse
 import dataclasses
 import inspect
 import json
@@ -26,7 +28,7 @@ class ModelSettings:
     model_type: str = "pm"  # pm: pairwise preference LM (SSRM); rm: scalar reward model (SER)
     gguf_file: str = ""  # GGUF file name inside --model, as transformers' from_pretrained takes it
     trust_remote_code: bool = False  # run code shipped with a hub model; off unless asked for
-    format: str = "auto"  # data format: auto|jsonl|hh|sharegpt|stack_exchange
+    format: str = "auto"  # data format: auto|jsonl|hh|sharegpt|stack_exchange|implicit_prompt (.parquet files too)
     bad_rows: str = "error"  # error: a bad row stops the run | skip: report each bad row (file:line: field), go on
     max_length: int = 512  # tokens per sequence; longer pairs are cut (content only, oldest context first; see --overlong)
     dtype: str = "auto"  # bf16|fp16|fp32 autocast; auto = bf16 on a CUDA GPU that has it, else fp32
@@ -73,6 +75,7 @@ class TrainSettings(ModelSettings, FilterSettings):
     overlong: str = "truncate"  # pairs over --max_length: truncate (cut content, never the template) | drop (leave out; the released code)
     preview: int = 0  # print the first N training sequences as the model receives them (JSON lines), then exit
     margin: float = 0.0  # rm: m in -log sigmoid(r_c - r_r - m); a row's 'margin' field adds to it
+    center_rewards_coefficient: float = 0.0  # rm: adds c * mean((r_c + r_r)^2) to the loss (TRL's option; 0 = off)
     # LoRA
     lora: bool = False  # train LoRA adapters instead of all weights
     lora_r: int = 8
@@ -112,7 +115,7 @@ class EvalSettings(ModelSettings):
 CHOICES = {
     "model_type": ("auto", "pm", "rm"),
     "dtype": ("auto", "bf16", "fp16", "fp32"),
-    "format": ("auto", "jsonl", "hh", "sharegpt", "stack_exchange"),
+    "format": ("auto", "jsonl", "hh", "sharegpt", "stack_exchange", "implicit_prompt"),
     "bad_rows": ("error", "skip"),
     "filter": ("confidence", "status", "none"),
     "status_mode": ("sequential", "union"),
@@ -125,67 +128,103 @@ CHOICES = {
 
 
 # ----------------------------------------------------------------------------- parsing
+# argparse (the standard library) rather than transformers' HfArgumentParser: it reads the
+# comments below as help, lets `--config=FILE.json` take its place among the flags (later
+# ones win, in order), and needs nothing selfrm does not already depend on.
 
-def _coerce(key, text, typ, from_flag):
-    if from_flag and typ is not str:
-        low = text.strip().lower()
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # a SettingsError, not argparse's exit: callers print `error: ...`
+        raise SettingsError(message.replace("argument ", ""))
+
+
+def _flag_value(key, typ):
+    """The converter of one flag's text: a clear message for a wrong type."""
+    def convert(text):
         if typ is bool:
+            low = text.strip().lower()
             if low in ("true", "1", "yes"):
                 return True
             if low in ("false", "0", "no"):
                 return False
-            raise SettingsError(f"--{key}: expected true or false, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
         try:
             return typ(text)
         except ValueError:
-            raise SettingsError(f"--{key}: expected {typ.__name__}, got {text!r}") from None
-    # values from a JSON config are typed already: check, allowing an int where a float is due
-    if typ is float and isinstance(text, int) and not isinstance(text, bool):
-        return float(text)
-    if type(text) is not typ:
-        raise SettingsError(f"{key}: expected {typ.__name__}, got {type(text).__name__} {text!r}")
-    return text
+            raise argparse.ArgumentTypeError(f"expected {typ.__name__}, got {text!r}") from None
+    convert.__name__ = typ.__name__
+    return convert
 
 
-def _help(cls):
-    """One line per field: name, default, and the comment written after it in the source."""
+def _config_value(key, value, typ):
+    """A value from a JSON config is typed already: check it (an int may stand for a float)."""
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not typ:
+        raise SettingsError(f"{key}: expected {typ.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+class _Config(argparse.Action):
+    """--config=FILE.json: every key of the file, as if given as flags at this place."""
+
+    def __call__(self, parser, namespace, path, option_string=None):
+        try:
+            with open(path) as f:
+                loaded = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise SettingsError(f"--config={path}: {e}") from None
+        if not isinstance(loaded, dict):
+            raise SettingsError(f"--config={path}: expected a JSON object of settings")
+        for key, value in loaded.items():
+            if key not in parser.field_types:
+                raise SettingsError(f"--config={path}: unknown setting {key!r} for {parser.prog} (see --help)")
+            setattr(namespace, key, _config_value(key, value, parser.field_types[key]))
+
+
+def _comments(cls):
+    """The comment written after each field in the source: its help text."""
     comments = {}
     for klass in reversed(cls.__mro__[:-1]):
         for m in re.finditer(r"^\s+(\w+): \w+ = [^#\n]*#\s*(.*)$", inspect.getsource(klass), re.M):
             comments[m.group(1)] = m.group(2)
-    return "\n".join(f"  {'--' + f.name + '=' + repr(f.default):<36} {comments.get(f.name, '')}"
-                      for f in dataclasses.fields(cls))
+    return comments
+
+
+def build_parser(cls, defaults=None):
+    """An argparse parser for the fields of `cls`: `--key value`, `--key=value`, a bare
+    `--flag` for a boolean (`--no_flag` or `--flag=false` turns it off), `--config=FILE.json`."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    parser = _Parser(prog=cls.__name__, allow_abbrev=False, argument_default=argparse.SUPPRESS,
+                     usage="%(prog)s [--config=FILE.json] [--key value | --key=value | --flag | --no_flag] ...",
+                     description=f"settings ({cls.__name__}); --config=FILE.json reads a JSON object of them, "
+                                 "and flags after it win")
+    parser.field_types = {k: f.type for k, f in fields.items()}
+    parser.add_argument("--config", action=_Config, metavar="FILE.json",
+                        help="a JSON object of settings, applied at its place among the flags")
+    comments = _comments(cls)
+    for key, f in fields.items():
+        default = (defaults or {}).get(key, f.default)
+        text = f"{comments.get(key, '')} (default: {default!r})"
+        if f.type is bool:
+            parser.add_argument(f"--{key}", nargs="?", const=True, type=_flag_value(key, bool), help=text,
+                                metavar="true|false")
+            parser.add_argument(f"--no_{key}", dest=key, action="store_false", help=argparse.SUPPRESS)
+        else:
+            parser.add_argument(f"--{key}", type=_flag_value(key, f.type), help=text, metavar=f.type.__name__.upper())
+    return parser
 
 
 def parse_args(cls, argv=None, defaults=None):
-    """Build `cls` from `--key=value` strings (and `--config=FILE.json`), checking every key.
-    `defaults` replaces the dataclass defaults of some keys (the demo's settings)."""
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(f"settings ({cls.__name__}):\n{_help(cls)}")
-        sys.exit(0)
-    fields = {f.name: f.type for f in dataclasses.fields(cls)}
-    values = dict(defaults or {})
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise SettingsError(f"expected --key=value, got {arg!r}")
-        key, text = arg[2:].split("=", 1)
-        if key == "config":
-            try:
-                with open(text) as f:
-                    loaded = json.load(f)
-            except (OSError, json.JSONDecodeError) as e:
-                raise SettingsError(f"--config={text}: {e}") from None
-            if not isinstance(loaded, dict):
-                raise SettingsError(f"--config={text}: expected a JSON object of settings")
-            items, from_flag = loaded.items(), False
-        else:
-            items, from_flag = [(key, text)], True
-        for k, v in items:
-            if k not in fields:
-                raise SettingsError(f"unknown setting {k!r} for {cls.__name__} (see --help)")
-            values[k] = _coerce(k, v, fields[k], from_flag)
-    return make(cls, **values)
+    """Build `cls` from command-line flags (see build_parser), checking every key, type and
+    choice. `defaults` replaces the dataclass defaults of some keys (the demo's settings)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(cls, defaults)
+    namespace, unknown = parser.parse_known_args(argv)
+    if unknown:
+        key = unknown[0].lstrip("-").split("=", 1)[0]
+        raise SettingsError(f"unknown setting {key!r} for {cls.__name__} (see --help)" if unknown[0].startswith("--")
+                            else f"unexpected argument {unknown[0]!r}: settings are --key value or --key=value")
+    return make(cls, **{**(defaults or {}), **vars(namespace)})
 
 
 def make(cls, **values):
@@ -194,6 +233,8 @@ def make(cls, **values):
     for key, allowed in {**CHOICES, **getattr(cls, "choices", {})}.items():
         if hasattr(cfg, key) and getattr(cfg, key) not in allowed:
             raise SettingsError(f"--{key}={getattr(cfg, key)!r}: expected one of {', '.join(allowed)}")
+    if getattr(cfg, "center_rewards_coefficient", 0) and cfg.model_type == "pm":
+        raise SettingsError("--center_rewards_coefficient centres a scalar model's rewards: it needs --model_type=rm")
     return cfg
 
 

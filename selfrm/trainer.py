@@ -76,7 +76,7 @@ def make_optimizer(params, cfg, device):
 
 # ----------------------------------------------------------------------------- one micro-batch
 
-def pair_losses(model, batch, margin=0.0):
+def pair_losses(model, batch, margin=0.0, center=0.0):
     """Per-pair losses (B,) and correctness (B,) of one collated batch, for either kind."""
     if "labels" in batch:  # pm: the label is A or B, the "other" token is the wrong answer
         label_logits = model(batch["input_ids"], batch["attention_mask"], batch["label_positions"])
@@ -86,10 +86,11 @@ def pair_losses(model, batch, margin=0.0):
         return srm_loss(label_logits, labels), correct.squeeze(1)
     rewards = model(batch["input_ids"], batch["attention_mask"])
     chosen_rewards, rejected_rewards = rewards.chunk(2)
-    return pairwise_loss(chosen_rewards, rejected_rewards, batch["margins"] + margin), chosen_rewards > rejected_rewards
+    losses = pairwise_loss(chosen_rewards, rejected_rewards, batch["margins"] + margin, center)
+    return losses, chosen_rewards > rejected_rewards
 
 
-def backward_global_batch(model, micro, n_global, collate, world, autocast, scaler, margin=0.0):
+def backward_global_batch(model, micro, n_global, collate, world, autocast, scaler, margin=0.0, center=0.0):
     """Forward and backward this rank's micro-batches (lists of examples) of one global batch
     of n_global pairs; gradients end up as the mean over the global batch. Returns this
     rank's (loss sum, correct count) as a device tensor: no host sync here."""
@@ -100,7 +101,7 @@ def backward_global_batch(model, micro, n_global, collate, world, autocast, scal
         sync = nullcontext() if (not world.ddp or k == len(micro) - 1) else model.no_sync()
         with sync:
             with autocast:
-                losses, correct = pair_losses(model, batch, margin)
+                losses, correct = pair_losses(model, batch, margin, center)
             scaler.scale(losses.sum() * world.world_size / n_global).backward()
         stats += torch.stack([losses.detach().sum(), correct.sum().float()])
     return stats
@@ -203,7 +204,8 @@ def train(cfg, model, tokenizer, examples, run_dir, world, settings, label_ids=N
             batches, batches_epoch = global_batches(lengths, cfg, world, epoch), epoch
         global_batch = batches[index]
         window["sums"] += backward_global_batch(model, [[examples[i] for i in idx] for idx in micro_batches(global_batch, cfg, world)],
-                                        len(global_batch), collate, world, autocast, scaler, cfg.margin)
+                                        len(global_batch), collate, world, autocast, scaler, cfg.margin,
+                                        cfg.center_rewards_coefficient)
         lr = lr_at(step, total_steps, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
