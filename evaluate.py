@@ -8,29 +8,31 @@ its four sections and scores) and `id`. A pairwise model is scored in both order
 counts 0.5); a scalar model is right only when r_chosen > r_rejected. With matplotlib
 installed, --out_file=M.json also writes M.png (reliability diagram and histogram).
 """
+import json
 import os
-import sys
 
 from selfrm import dist
-from selfrm.data import DataError, load_pairs
-from selfrm.files import atomic_path, write_json, write_jsonl
+from selfrm.data import load_pairs
+from selfrm.files import publish_together
 from selfrm.metrics import evaluate_scores
-from selfrm.modeling import load_model, model_type_of
+from selfrm.modeling import check_outputs, load_model, resolve_model_type
 from selfrm.selftrain import score_pairs
-from selfrm.settings import EvalSettings, SettingsError, parse_args
+from selfrm.settings import EvalSettings, SettingsError, cli, parse_args
 
 
 def main(cfg):
     if not cfg.eval_file:
         raise SettingsError("--eval_file is required")
-    # ---------------------------------------------------------------- settings and data
-    if cfg.model_type == "auto":
-        cfg.model_type = model_type_of(cfg.model) or "pm"
+    # ---------------------------------------------------------------- settings and data, checked before any write
+    cfg.model_type = resolve_model_type(cfg)
+    plot_path = os.path.splitext(cfg.out_file)[0] + ".png" if cfg.out_file and cfg.plot else ""
+    check_outputs({"out_file": cfg.out_file, "predictions_file": cfg.predictions_file, "plot": plot_path},
+                  [cfg.eval_file])
     pairs = load_pairs(cfg.eval_file, cfg.format, cfg.bad_rows)
     if cfg.limit > 0:
         pairs = pairs[:cfg.limit]
     # ---------------------------------------------------------------- init, model
-    world = dist.compute_init()
+    world = dist.compute_init(cfg.dist_timeout_s)
     try:
         model, tokenizer = load_model(cfg)
         # ------------------------------------------------------------ score
@@ -39,16 +41,18 @@ def main(cfg):
         metrics, correct = evaluate_scores(scores, cfg.model_type, subsets)
         metrics.update(model=cfg.model, model_type=cfg.model_type, eval_file=cfg.eval_file)
         # ------------------------------------------------------------ report and write
-        if world.master:
+        if world.master:  # metrics, predictions and plot appear together
             print(report(metrics))
+            writes = []
             if cfg.out_file:
-                write_json(cfg.out_file, metrics)
-                if cfg.plot:
-                    plot(metrics, os.path.splitext(cfg.out_file)[0] + ".png")
+                writes.append((cfg.out_file, lambda tmp: dump_json(tmp, metrics)))
+            if plot_path and plotter():
+                writes.append((plot_path, lambda tmp: plot(metrics, tmp)))
             if cfg.predictions_file:
-                write_jsonl(cfg.predictions_file, [
-                    {"id": p.extra.get("id", i), "subset": s, "prob_chosen": float(pc), "correct": float(c)}
-                    for i, (p, s, pc, c) in enumerate(zip(pairs, subsets, scores["prob_a"], correct))])
+                rows = [{"id": p.extra.get("id", i), "subset": s, "prob_chosen": float(pc), "correct": float(c)}
+                        for i, (p, s, pc, c) in enumerate(zip(pairs, subsets, scores["prob_a"], correct))]
+                writes.append((cfg.predictions_file, lambda tmp: dump_jsonl(tmp, rows)))
+            publish_together(writes)
         return metrics
     finally:
         dist.compute_cleanup()
@@ -76,15 +80,32 @@ def report(m):
     return "\n".join(lines)
 
 
-def plot(m, path):
-    """Reliability diagram and P histogram as a PNG, if matplotlib is installed."""
+def plotter():
+    """matplotlib's pyplot, or None (with a note) when it is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no plot (the table above has the same numbers)")
-        return
+        return None
+    return plt
+
+
+def dump_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def dump_jsonl(path, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def plot(m, path):
+    """Reliability diagram and P histogram as a PNG at `path`."""
+    plt = plotter()
     c = m["calibration"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.plot([0.5, 1], [0.5, 1], "k--", lw=1, label="perfect calibration")
@@ -95,13 +116,9 @@ def plot(m, path):
     right.bar(edges[:-1], c["histogram"]["counts"], width=edges[1] - edges[0], align="edge", edgecolor="k")
     right.set(xlabel="P(chosen)", ylabel="pairs", title="probability of the true label")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+    fig.savefig(path, format="png", dpi=100)
     plt.close(fig)
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args(EvalSettings))
-    except (SettingsError, DataError) as e:
-        sys.exit(f"error: {e}")
+    cli(main, lambda: parse_args(EvalSettings))

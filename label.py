@@ -9,33 +9,30 @@ scalar model score_a, score_b, and with --filter=status the status that selected
 A summary goes to stdout and to L.summary.json. Works under torchrun (sharded scoring).
 """
 import json
-import sys
 
 from selfrm import dist
-from selfrm.data import DataError, load_unlabeled
-from selfrm.files import write_json, write_jsonl
-from selfrm.modeling import load_model, model_type_of
-from selfrm.selftrain import as_pairs, relabel, summary_path
-from selfrm.settings import LabelSettings, SettingsError, parse_args
+from selfrm.data import load_unlabeled
+from selfrm.modeling import check_outputs, load_model, resolve_model_type
+from selfrm.selftrain import as_pairs, relabel, summary_path, write_rows_and_summary
+from selfrm.settings import LabelSettings, SettingsError, cli, parse_args
 
 
 def main(cfg):
     if not cfg.unlabeled_file or not cfg.out_file:
         raise SettingsError("--unlabeled_file and --out_file are required")
-    # ---------------------------------------------------------------- settings and data
-    if cfg.model_type == "auto":
-        cfg.model_type = model_type_of(cfg.model) or "pm"
+    # ---------------------------------------------------------------- settings and data, checked before any write
+    cfg.model_type = resolve_model_type(cfg)
+    check_outputs({"out_file": cfg.out_file, "summary": summary_path(cfg.out_file)}, [cfg.unlabeled_file])
     pool = load_unlabeled(cfg.unlabeled_file, cfg.format, cfg.as_unlabeled, cfg.seed, cfg.bad_rows)
     # ---------------------------------------------------------------- init, model
-    world = dist.compute_init()
+    world = dist.compute_init(cfg.dist_timeout_s)
     try:
         model, tokenizer = load_model(cfg)
         # ------------------------------------------------------------ score, filter
         rows, summary = relabel(cfg, world, model, tokenizer, pool)
-        # ------------------------------------------------------------ write
+        # ------------------------------------------------------------ write: rows and summary together
         if world.master:
-            write_jsonl(cfg.out_file, as_pairs(rows) if cfg.emit == "pairs" else rows)
-            write_json(summary_path(cfg.out_file), summary)
+            write_rows_and_summary(cfg.out_file, as_pairs(rows) if cfg.emit == "pairs" else rows, summary)
             print(json.dumps(summary, indent=2))
         return rows, summary
     finally:
@@ -43,7 +40,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args(LabelSettings))
-    except (SettingsError, DataError) as e:
-        sys.exit(f"error: {e}")
+    cli(main, lambda: parse_args(LabelSettings))

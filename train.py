@@ -20,11 +20,12 @@ import sys
 import tempfile
 
 from selfrm import dist, toy
-from selfrm.data import DataError, load_pairs, load_unlabeled, split_labeled
+from selfrm.data import Encoder, load_pairs, load_unlabeled, split_labeled
+from selfrm.modeling import load_tokenizer
 from selfrm.files import read_json, write_json
-from selfrm.selftrain import (eval_accuracy, format_table, input_report, preview, run_self_training, run_training,
-                             train_run)
-from selfrm.settings import SettingsError, TrainSettings, parse_args
+from selfrm.selftrain import (claim_out_dir, eval_accuracy, format_table, input_fingerprints, input_report, preview,
+                             run_self_training, run_training, train_run)
+from selfrm.settings import SettingsError, TrainSettings, cli, parse_args
 
 
 def main(cfg):
@@ -39,7 +40,7 @@ def run(cfg, demo_data_dir, preview_to=None):
     # ---------------------------------------------------------------- the demo's data, when no file is given
     demo = cfg.model == "toy" and not cfg.train_file and not cfg.unlabeled_file
     if demo:
-        files = toy.write_demo_data(demo_data_dir, cfg.seed)
+        files = toy.demo_files(demo_data_dir)
         algorithm = ("SSRM: pairwise model, confidence filter" if cfg.filter == "confidence" else
                      "SER: scalar model, learning-status filter" if cfg.filter == "status" else f"filter={cfg.filter}")
         dist.print0(f"selfrm demo ({algorithm}) on the toy task of selfrm/toy.py: round 0 trains on the labeled "
@@ -47,7 +48,46 @@ def run(cfg, demo_data_dir, preview_to=None):
                     f"every label for comparison. Output: {cfg.out_dir}/")
         cfg = dataclasses.replace(cfg, train_file=files["labeled"], unlabeled_file=files["pool"],
                                   eval_file=cfg.eval_file or files["eval"])
-    # ---------------------------------------------------------------- data (all read before any training)
+    # ---------------------------------------------------------------- check everything before writing anything
+    if preview_to is None:
+        check_out_dir_path(cfg.out_dir)
+    check_template_fits(cfg)
+    if demo and preview_to is not None:
+        toy.write_demo_data(demo_data_dir, cfg.seed)
+    data = None if demo and preview_to is None else read_data(cfg)  # the demo's data is written after the claim
+    if preview_to is not None:
+        return preview(cfg, data[0], preview_to)
+    inputs = {} if demo else input_fingerprints(cfg)  # the demo's data follows from its settings (the seed)
+    # ---------------------------------------------------------------- init
+    world = dist.compute_init(cfg.dist_timeout_s)
+    try:
+        claim_out_dir(cfg, world, inputs)
+        if demo:
+            toy.write_demo_data(demo_data_dir, cfg.seed)
+            data = read_data(cfg)
+        labeled, pool, eval_pairs = data
+        report = input_report(eval_pairs, labeled, pool)
+        dist.print0(f"{len(labeled)} labeled pairs" + (f", {len(pool)} unlabeled" if pool else "") +
+                    (f", {len(eval_pairs)} eval pairs" if eval_pairs else ""))
+        # ------------------------------------------------------------ train (and self-train)
+        if pool is None:
+            return run_training(cfg, world, labeled, eval_pairs, report)
+        rounds = run_self_training(cfg, world, labeled, pool, eval_pairs, report)
+        if demo:  # the upper bound: the same model trained on every pool label
+            rounds = rounds + [supervised_reference(cfg, world, load_pairs(files["full"]), eval_pairs)]
+        dist.print0("\n" + format_table(rounds))
+        if demo:
+            dist.print0("(full: the same model trained with every pool label; the other demo: "
+                        "python train.py --model_type=rm --filter=status)")
+        return rounds
+    finally:
+        # ------------------------------------------------------------ cleanup
+        dist.compute_cleanup()
+
+
+def read_data(cfg):
+    """(labeled pairs, unlabeled pool or None, eval pairs or None), every file read and
+    checked (a bad row is a DataError naming its file, line and field)."""
     labeled = load_pairs(cfg.train_file, cfg.format, cfg.bad_rows) if cfg.train_file else []
     pool = (load_unlabeled(cfg.unlabeled_file, cfg.format, cfg.as_unlabeled, cfg.seed, cfg.bad_rows)
             if cfg.unlabeled_file else None)
@@ -59,28 +99,30 @@ def run(cfg, demo_data_dir, preview_to=None):
     eval_pairs = load_pairs(cfg.eval_file, cfg.format, cfg.bad_rows) if cfg.eval_file else None
     if not labeled and not (pool and cfg.skip_initial_training):
         raise SettingsError("--train_file is required (or --unlabeled_file with --skip_initial_training=true)")
-    if preview_to is not None:
-        return preview(cfg, labeled, preview_to)
-    inputs = input_report(eval_pairs, labeled, pool)
-    # ---------------------------------------------------------------- init
-    world = dist.compute_init()
-    try:
-        dist.print0(f"{len(labeled)} labeled pairs" + (f", {len(pool)} unlabeled" if pool else "") +
-                    (f", {len(eval_pairs)} eval pairs" if eval_pairs else ""))
-        # ------------------------------------------------------------ train (and self-train)
-        if pool is None:
-            return run_training(cfg, world, labeled, eval_pairs, inputs)
-        rounds = run_self_training(cfg, world, labeled, pool, eval_pairs, inputs)
-        if demo:  # the upper bound: the same model trained on every pool label
-            rounds = rounds + [supervised_reference(cfg, world, load_pairs(files["full"]), eval_pairs)]
-        dist.print0("\n" + format_table(rounds))
-        if demo:
-            dist.print0("(full: the same model trained with every pool label; the other demo: "
-                        "python train.py --model_type=rm --filter=status)")
-        return rounds
-    finally:
-        # ------------------------------------------------------------ cleanup
-        dist.compute_cleanup()
+    with_margin = sum(1 for p in labeled if p.margin)
+    if cfg.model_type == "pm" and with_margin:
+        dist.print0(f"warning: {cfg.train_file}: {with_margin} pairs carry a 'margin': a pairwise model (pm) has no "
+                    f"margin, so it is ignored")
+    return labeled, pool, eval_pairs
+
+
+def check_out_dir_path(out_dir):
+    """--out_dir must be a folder this process can write, or a path where one can be made."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise SettingsError(f"--out_dir={out_dir}: is a file, not a folder")
+    probe = os.path.abspath(out_dir)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise SettingsError(f"--out_dir={out_dir}: {probe} is not a folder this process may write in")
+
+
+def check_template_fits(cfg):
+    """--max_length must hold the template with one token of context and of each response."""
+    needed = Encoder(load_tokenizer(cfg), cfg.model_type, cfg.max_length).minimum_length()
+    if cfg.max_length < needed:
+        raise SettingsError(f"--max_length={cfg.max_length}: the template with one token of context and of each "
+                            f"response takes {needed} tokens for this model: use --max_length={needed} or more")
 
 
 def supervised_reference(cfg, world, pairs, eval_pairs):
@@ -105,7 +147,4 @@ def settings_from_argv(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main(settings_from_argv())
-    except (SettingsError, DataError) as e:
-        sys.exit(f"error: {e}")
+    cli(main, settings_from_argv)

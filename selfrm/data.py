@@ -7,20 +7,23 @@ field, and is raised before any training starts.
 """
 import gzip
 import json
+import math
 import os
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from selfrm.dist import print0
+from selfrm.settings import InputError
 from selfrm.templates import ChatTemplate, context_parts, cut_responses, join, pm_parts, segment_tokens
 
 ROLES = ("system", "user", "assistant")
 
 
-class DataError(ValueError):
-    pass
+class DataError(InputError):
+    """A bad data file or row: the message names the file, the line and the field."""
 
 
 @dataclass
@@ -52,28 +55,50 @@ def read_rows(path):
     'file:line' ('file: row N' for Parquet, counting from 1)."""
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a folder, not a data file")
     if path.endswith(".parquet"):
         yield from read_parquet(path)
         return
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        text = f.read()
+    text = read_text(path)
     if text.lstrip().startswith("["):  # one JSON array: report the item number
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        items = _json(text, path)
         for i, row in enumerate(items, 1):
             yield f"{path}: item {i}", _as_object(row, f"{path}: item {i}")
         return
     for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-        yield f"{path}:{i}", _as_object(row, f"{path}:{i}")
+        if line.strip():
+            yield f"{path}:{i}", _as_object(_json(line, path, i), f"{path}:{i}")
+
+
+def read_text(path):
+    """The file's text (gunzipped for .gz), or a DataError that says what is wrong with it."""
+    try:
+        if path.endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                raw = f.read()
+        else:
+            with open(path, "rb") as f:
+                raw = f.read()
+    except PermissionError:
+        raise DataError(f"{path}: cannot be read (permission denied)") from None
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"{path}: not a readable gzip file ({e or type(e).__name__})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+
+
+def _json(text, path, line=None):
+    """Parse one JSON document; `line` is its line in the file (None: the whole file)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{line or e.lineno}: not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise DataError(f"{path}:{line or 1}: JSON nested too deeply to read") from None
 
 
 def read_parquet(path):
@@ -139,6 +164,8 @@ def pair_from_row(row, where):
     margin = row.get("margin", 0.0)
     if isinstance(margin, bool) or not isinstance(margin, (int, float)):
         raise DataError(f"{where}: field 'margin' must be a number")
+    if not math.isfinite(margin):
+        raise DataError(f"{where}: field 'margin' must be a finite number, got {margin}")
     extra = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected", "margin")}
     return Pair(prompt, chosen, rejected, float(margin), extra, where)
 
@@ -382,6 +409,13 @@ class Encoder:
 
     def rm_text(self, prompt, response):
         return join(self.rm_sequence(prompt, response))
+
+    def minimum_length(self):
+        """Tokens of the shortest sequence this encoder can make: the template with one
+        token of context and of each response (max_length below it fits no pair)."""
+        one = [{"role": "user", "content": "A"}]
+        parts = self.pm_sequence(one, "A", "B") if self.model_type == "pm" else self.rm_sequence(one, "A")
+        return len(self._tokenize(parts, offsets=False))
 
     # -- tokenizing and fitting
 

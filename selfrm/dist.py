@@ -3,6 +3,7 @@
 `python x.py` runs one process; `torchrun --nproc_per_node=N x.py` runs N, each with RANK,
 LOCAL_RANK and WORLD_SIZE set. NCCL on CUDA, gloo on the CPU.
 """
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -26,8 +27,10 @@ class Dist:
         return self.rank == 0
 
 
-def compute_init():
-    """Start the process group when launched by torchrun; pick this rank's device."""
+def compute_init(timeout_s=1800):
+    """Start the process group when launched by torchrun; pick this rank's device. A
+    collective that waits `timeout_s` for a rank that stopped answering fails (see
+    timed_out) instead of hanging for ever."""
     if "RANK" not in os.environ:
         return Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
@@ -39,8 +42,15 @@ def compute_init():
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
+        dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None,
+                                timeout=datetime.timedelta(seconds=timeout_s))
     return Dist(rank, local_rank, world_size, device)
+
+
+def timed_out(error):
+    """Whether an exception is a collective's timeout (gloo and NCCL word it differently)."""
+    text = str(error).lower()
+    return isinstance(error, (RuntimeError, dist.DistError)) and ("timed out" in text or "timeout" in text)
 
 
 def compute_cleanup():

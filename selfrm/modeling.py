@@ -17,6 +17,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from selfrm import toy
 from selfrm.files import atomic_dir
+from selfrm.settings import SettingsError
 
 
 class PreferenceModel(nn.Module):
@@ -97,13 +98,31 @@ def inner(model):
 
 # ----------------------------------------------------------------------------- loading
 
+def check_source(source):
+    """A model given as a local path must exist: without this check transformers takes a
+    missing folder for a hub id and fails on the network."""
+    local = os.path.isabs(source) or source.startswith((".", "~")) or source.count("/") > 1 or os.sep + os.sep in source
+    if local and not os.path.isdir(os.path.expanduser(source)):
+        raise SettingsError(f"--model={source}: no such model folder")
+
+
+def from_pretrained(auto, source, **kwargs):
+    """auto.from_pretrained, with a failure to find or read the model as one clear error."""
+    check_source(source)
+    try:
+        return auto.from_pretrained(source, **kwargs)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SettingsError(f"--model={source}: cannot be loaded ({first})") from None
+
+
 def load_tokenizer(cfg, source=None):
     source = source or cfg.model
     if source == "toy":
         tokenizer = toy.build_tokenizer()
     else:
-        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=cfg.gguf_file or None,
-                                                  trust_remote_code=cfg.trust_remote_code)
+        tokenizer = from_pretrained(AutoTokenizer, source, gguf_file=cfg.gguf_file or None,
+                                    trust_remote_code=cfg.trust_remote_code)
     if tokenizer.pad_token is None:  # prefer a token that never ends a real text
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     if tokenizer.pad_token is None:
@@ -127,6 +146,31 @@ def model_type_of(source):
     return None
 
 
+def resolve_model_type(cfg):
+    """label.py/evaluate.py: the model kind from --model_type or the model's own settings;
+    a --model_type that contradicts what the model was trained as is an error (scoring a
+    causal LM as a sequence classifier would read a random head)."""
+    saved = model_type_of(cfg.model) if os.path.isdir(cfg.model) else None
+    if cfg.model_type == "auto":
+        return saved or "pm"
+    if saved and saved != cfg.model_type:
+        raise SettingsError(f"--model_type={cfg.model_type} contradicts {cfg.model}, which was trained as "
+                            f"--model_type={saved}: leave --model_type=auto")
+    return cfg.model_type
+
+
+def check_outputs(outputs, inputs):
+    """Output files (setting -> path; empty = none) may not be folders, nor overwrite an input."""
+    sources = {os.path.realpath(p) for p in inputs if p}
+    for key, path in outputs.items():
+        if not path:
+            continue
+        if os.path.isdir(path):
+            raise SettingsError(f"--{key}={path}: is a folder; name a file")
+        if os.path.realpath(path) in sources:
+            raise SettingsError(f"--{key}={path}: is an input file of this run; it would be overwritten")
+
+
 def load_model(cfg, source=None, tokenizer=None):
     """The model of kind cfg.model_type from `source` (default cfg.model), fp32 weights on the
     CPU, as a PreferenceModel or RewardModel. A folder holding a LoRA adapter saved by
@@ -144,8 +188,8 @@ def load_model(cfg, source=None, tokenizer=None):
         if adapter:
             with open(os.path.join(source, "adapter_config.json")) as f:
                 base = json.load(f)["base_model_name_or_path"]
-        hf = auto.from_pretrained(base, gguf_file=cfg.gguf_file or None, dtype=torch.float32,
-                                  trust_remote_code=cfg.trust_remote_code, **extra)
+        hf = from_pretrained(auto, base, gguf_file=cfg.gguf_file or None, dtype=torch.float32,
+                             trust_remote_code=cfg.trust_remote_code, **extra)
         if cfg.gguf_file:
             hf = plain_copy(hf)
     hf.config.pad_token_id = tokenizer.pad_token_id

@@ -7,14 +7,16 @@ labeled pool `pool.jsonl` and its `pool.summary.json`. `manifest.json` names the
 """
 import json
 import os
+import shutil
 import time
 
 import numpy as np
 import torch
 
 from selfrm import dist, settings
+from selfrm.settings import SettingsError
 from selfrm.data import Encoder, Pair, example_length
-from selfrm.files import read_json, write_json, write_jsonl
+from selfrm.files import Locked, fingerprint, lock, publish_together, read_json, remove_leftovers, write_json
 from selfrm.filters import confidence, confidence_filter, learning_status, pseudo_label
 from selfrm.metrics import accuracy
 from selfrm.modeling import add_lora, has_adapters, load_model, load_tokenizer
@@ -22,28 +24,66 @@ from selfrm.scoring import score_encoded, sigmoid
 from selfrm.trainer import autocast_dtype, global_batches, micro_batches, train
 
 # settings that do not change what a run computes: a resumed run may differ in these
-RUN_INDEPENDENT = {"resume", "log_every", "save_every", "batch_size", "out_dir", "preview"}
+RUN_INDEPENDENT = {"resume", "overwrite", "log_every", "save_every", "batch_size", "out_dir", "preview",
+                   "dist_timeout_s"}
+_LOCKS = []  # this process's open lock descriptors: closing one would release its lock
 
 
-def check_out_dir(cfg, world):
-    """Claim out_dir for this run: a run with other settings there is an error, never a
-    silent overwrite; the same settings resume (finished work is kept)."""
-    path = os.path.join(cfg.out_dir, "settings.json")
-    current = settings.to_dict(cfg)
-    if os.path.exists(path):
-        saved = read_json(path)
-        changed = sorted(k for k in set(saved) | set(current)
-                         if k not in RUN_INDEPENDENT and saved.get(k) != current.get(k))
-        if changed:
-            raise SystemExit(f"{cfg.out_dir} holds a run with other settings ({', '.join(changed)}): "
-                             f"choose another --out_dir, or delete it to start again")
-        if not cfg.resume:
-            raise SystemExit(f"{cfg.out_dir} holds a run already: pass --resume=true to continue it, "
-                             f"or choose another --out_dir")
-    dist.barrier()
+def input_fingerprints(cfg):
+    """{setting: {"path", "size", "sha256"}} of every input file of the run."""
+    return {key: {"path": getattr(cfg, key), **fingerprint(getattr(cfg, key))}
+            for key in ("train_file", "unlabeled_file", "eval_file") if getattr(cfg, key)}
+
+
+def claim_out_dir(cfg, world, inputs):
+    """Make out_dir this run's, before anything is written in it: hold its lock for the life
+    of the process; check that what it holds is this run (same settings, same input files),
+    or start over (--resume=false, which needs --overwrite=true to delete a non-empty folder);
+    remove the temporaries of killed writes; record settings and inputs (once: a rerun of a
+    finished run changes no file). Rank 0 decides; every rank raises its error."""
+    error = None
     if world.master:
-        write_json(path, current)
-    return current
+        try:
+            _claim(cfg, inputs)
+        except (SettingsError, Locked) as e:
+            error = str(e)
+    failed = dist.all_reduce_sum(torch.tensor([float(error is not None)], device=world.device)).item()
+    if error or failed:
+        raise SettingsError(error or "rank 0 could not claim --out_dir (its error says why)")
+
+
+def _claim(cfg, inputs):
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    _LOCKS.append(lock(cfg.out_dir))
+    settings_path, inputs_path = os.path.join(cfg.out_dir, "settings.json"), os.path.join(cfg.out_dir, "inputs.json")
+    start_over = "to start over in it, pass --resume=false --overwrite=true (which deletes it); or choose another --out_dir"
+    held = sorted(n for n in os.listdir(cfg.out_dir) if n != ".lock")
+    if not cfg.resume:
+        if held and not cfg.overwrite:
+            raise SettingsError(f"{cfg.out_dir} is not empty ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}): "
+                                f"--resume=false starts over only with --overwrite=true, which deletes what it holds")
+        for name in held:
+            path = os.path.join(cfg.out_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    elif os.path.exists(settings_path):
+        saved, current = read_json(settings_path), settings.to_dict(cfg)
+        changed = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
+                   if k not in RUN_INDEPENDENT and saved.get(k) != current.get(k)]
+        if changed:
+            raise SettingsError(f"{cfg.out_dir} holds a run with other settings ({'; '.join(changed[:3])}): {start_over}")
+        saved_inputs = read_json(inputs_path) if os.path.exists(inputs_path) else {}
+        for key, now in inputs.items():
+            was = saved_inputs.get(key)
+            if was and (was["size"], was["sha256"]) != (now["size"], now["sha256"]):
+                raise SettingsError(f"{cfg.out_dir} holds a run of other data: --{key}={now['path']} changed since the "
+                                    f"run began (size {was['size']} -> {now['size']} bytes, sha256 "
+                                    f"{was['sha256'][:12]}... -> {now['sha256'][:12]}...): {start_over}")
+    removed = remove_leftovers(cfg.out_dir)
+    if removed:
+        dist.print0(f"{cfg.out_dir}: removed {removed} temporary files left by an interrupted run")
+    if not os.path.exists(settings_path):
+        write_json(inputs_path, inputs)
+        write_json(settings_path, settings.to_dict(cfg))  # last: its presence marks a claimed folder
 
 
 def train_run(cfg, world, pairs, run_dir, source, round_index=0, name=None):
@@ -161,8 +201,14 @@ def eval_accuracy(cfg, world, model, tokenizer, pairs, encoded=None):
 
 def run_training(cfg, world, pairs, eval_pairs=None, inputs=None):
     """Plain supervised training (no unlabeled pool): out_dir/model and the manifest.
-    `inputs` (see input_report) goes into the manifest, with the cut counts of each file."""
-    check_out_dir(cfg, world)
+    `inputs` (see input_report) goes into the manifest, with the cut counts of each file.
+    A finished run (its manifest is written last) is reported as it is, and nothing changes."""
+    manifest_path = os.path.join(cfg.out_dir, "manifest.json")
+    if os.path.exists(manifest_path):
+        record = read_json(manifest_path)["rounds"][0]
+        dist.print0(f"{cfg.out_dir} holds this run, finished: train loss {record.get('train_loss')}, "
+                    f"eval accuracy {record.get('eval_accuracy')}; model in {os.path.join(cfg.out_dir, 'model')}")
+        return record
     inputs = inputs or {}
     start = time.time()
     model, tokenizer, summary = train_run(cfg, world, pairs, cfg.out_dir, cfg.model)
@@ -283,6 +329,19 @@ def as_pairs(rows):
     return out
 
 
+def write_rows_and_summary(path, rows, summary):
+    """A labeled file and its summary, published together (files.publish_together)."""
+    def rows_to(tmp):
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+    def summary_to(tmp):
+        with open(tmp, "w") as f:
+            json.dump(summary, f, indent=2)
+            f.write("\n")
+    publish_together([(summary_path(path), summary_to), (path, rows_to)])
+
+
 def summary_path(out_file):
     base = out_file[:-len(".jsonl")] if out_file.endswith(".jsonl") else out_file
     return base + ".summary.json"
@@ -299,7 +358,6 @@ def run_self_training(cfg, world, labeled, pool, eval_pairs=None, inputs=None):
                          the pool, and the loop stops when no status is met.
     A re-run continues after the last finished round (finished rounds are in the manifest)."""
     check_filter(cfg)
-    check_out_dir(cfg, world)
     manifest_path = os.path.join(cfg.out_dir, "manifest.json")
     manifest = read_json(manifest_path) if os.path.exists(manifest_path) else {**(inputs or {}), "rounds": []}
     rounds = manifest["rounds"]
@@ -334,9 +392,9 @@ def run_self_training(cfg, world, labeled, pool, eval_pairs=None, inputs=None):
             continue
         start = time.time()
         remaining = [i for i in range(len(pool)) if i not in selected]
-        if os.path.exists(pool_file):  # labeled before a crash: the same labels again
+        if os.path.exists(pool_file) and os.path.exists(summary_path(pool_file)):  # labeled before a kill
             rows, summary = read_jsonl(pool_file), read_json(summary_path(pool_file))
-        else:
+        else:  # (a kill between the two renames leaves one of them: the round labels again)
             if model is None:
                 model = load_model(cfg, last_model(cfg, rounds), tokenizer)[0]
             rows, summary = relabel(cfg, world, model, tokenizer, [pool[i] for i in remaining],
@@ -344,8 +402,7 @@ def run_self_training(cfg, world, labeled, pool, eval_pairs=None, inputs=None):
             for row, i in zip(rows, remaining):
                 row["pool_index"] = i
             if world.master:
-                write_jsonl(pool_file, rows)
-                write_json(summary_path(pool_file), summary)
+                write_rows_and_summary(pool_file, rows, summary)
         record = {"round": t, "pool_size": len(remaining), "kept": summary["kept"],
                   "pool_accuracy": summary.get("pseudo_label_accuracy")}
         if cfg.filter == "status":

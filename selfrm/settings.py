@@ -10,14 +10,36 @@ import argparse
 import dataclasses
 import inspect
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass
 from typing import ClassVar
 
 
-class SettingsError(ValueError):
+class InputError(ValueError):
+    """A bad setting or bad input: the scripts print it as one line, `error: ...`, exit 2."""
+
+
+class SettingsError(InputError):
     pass
+
+
+def cli(main, parse):
+    """Run a script: a bad setting or input is one line on stderr and exit code 2; a collective
+    that timed out under torchrun is one line and exit code 1. Nothing else is caught."""
+    from selfrm.dist import timed_out
+    try:
+        main(parse())
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:
+        if not timed_out(e):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: a collective timed out: a rank stopped answering for --dist_timeout_s ({first})", file=sys.stderr)
+        sys.exit(1)
 
 
 # ----------------------------------------------------------------------------- shared groups
@@ -33,6 +55,7 @@ class ModelSettings:
     max_length: int = 512  # tokens per sequence; longer pairs are cut (content only, oldest context first; see --overlong)
     dtype: str = "auto"  # bf16|fp16|fp32 autocast; auto = bf16 on a CUDA GPU that has it, else fp32
     seed: int = 0  # one seed for data order, A/B placement, splits and initialisation
+    dist_timeout_s: int = 1800  # under torchrun: seconds a collective waits for a rank that stopped answering
 
 
 @dataclass
@@ -59,7 +82,8 @@ class TrainSettings(ModelSettings, FilterSettings):
     labeled_fraction: float = 0.0  # > 0: keep this share of --train_file labeled, the rest becomes the pool
     eval_file: str = ""  # labeled pairs scored after each round
     out_dir: str = "runs/demo"  # run folder: model/, settings.json, manifest.json, logs
-    resume: bool = True  # continue a run found in out_dir (same settings); finished work is kept
+    resume: bool = True  # continue a run found in out_dir (same settings and inputs); finished work is kept
+    overwrite: bool = False  # with --resume=false: delete what out_dir holds and start over
     # optimisation
     epochs: int = 1  # passes over the training set per round (SSRM: 1; SER: 2)
     max_steps: int = 0  # stop after this many optimizer steps (0 = no limit)
@@ -227,12 +251,56 @@ def parse_args(cls, argv=None, defaults=None):
     return make(cls, **{**(defaults or {}), **vars(namespace)})
 
 
+def _finite(v):
+    return math.isfinite(v)
+
+
+# what each numeric setting must be: (test, the words of the error)
+RANGES = {
+    "max_length": (lambda v: v >= 1, "at least 1"),
+    "global_batch_size": (lambda v: v >= 1, "at least 1"),
+    "micro_batch_size": (lambda v: v >= 1, "at least 1"),
+    "batch_size": (lambda v: v >= 1, "at least 1"),
+    "epochs": (lambda v: v >= 1, "at least 1"),
+    "max_steps": (lambda v: v >= 0, "0 (no limit) or more"),
+    "lr": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "warmup_steps": (lambda v: v >= 0, "0 or more"),
+    "weight_decay": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "grad_clip": (lambda v: _finite(v) and v >= 0, "a finite number >= 0 (0 = off)"),
+    "margin": (_finite, "a finite number"),
+    "center_rewards_coefficient": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "log_every": (lambda v: v >= 1, "at least 1"),
+    "save_every": (lambda v: v >= 0, "0 (only at the end) or more"),
+    "threshold": (lambda v: 0 <= v <= 1, "a probability, in [0, 1]"),
+    "tau_high": (lambda v: 0 <= v <= 1, "a probability, in [0, 1]"),
+    "tau_low": (lambda v: 0 <= v <= 1, "a probability, in [0, 1]"),
+    "tau_delta": (lambda v: 0 <= v <= 1, "a probability difference, in [0, 1]"),
+    "status_min_count": (lambda v: v >= 0, "0 or more"),
+    "status_min_fraction": (lambda v: 0 <= v <= 1, "a fraction, in [0, 1]"),
+    "labeled_fraction": (lambda v: 0 <= v < 1, "a fraction in [0, 1): the rest becomes the pool"),
+    "rounds": (lambda v: v >= 0, "0 or more"),
+    "lora_r": (lambda v: v >= 1, "at least 1"),
+    "lora_alpha": (lambda v: v >= 1, "at least 1"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "a probability, in [0, 1)"),
+    "limit": (lambda v: v >= 0, "0 (all) or more"),
+    "preview": (lambda v: v >= 0, "0 (off) or more"),
+    "dist_timeout_s": (lambda v: v >= 1, "at least 1 second"),
+}
+
+
 def make(cls, **values):
     """Build settings in code (tests, the self-training loop), with the same checks as flags."""
     cfg = cls(**values)
     for key, allowed in {**CHOICES, **getattr(cls, "choices", {})}.items():
         if hasattr(cfg, key) and getattr(cfg, key) not in allowed:
             raise SettingsError(f"--{key}={getattr(cfg, key)!r}: expected one of {', '.join(allowed)}")
+    for key, (ok, what) in RANGES.items():
+        if hasattr(cfg, key) and not ok(getattr(cfg, key)):
+            raise SettingsError(f"--{key}={getattr(cfg, key)!r}: must be {what}")
+    if hasattr(cfg, "tau_low") and cfg.tau_low > cfg.tau_high:
+        raise SettingsError(f"--tau_low={cfg.tau_low} is above --tau_high={cfg.tau_high}: status 1 could never be met")
+    if getattr(cfg, "out_dir", None) == "":
+        raise SettingsError("--out_dir is empty: name the run's folder")
     if getattr(cfg, "center_rewards_coefficient", 0) and cfg.model_type == "pm":
         raise SettingsError("--center_rewards_coefficient centres a scalar model's rewards: it needs --model_type=rm")
     return cfg

@@ -15,12 +15,13 @@ words of their own cluster; a confident pseudo-label (decided by the head words)
 the tail words' quality, and the next round is confident on responses the last one was not.
 That is the cluster assumption that self-training relies on, made explicit.
 """
-import json
 import os
 
 import numpy as np
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
+
+from selfrm.files import write_jsonl
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 TEMPLATE_WORDS = ["[CONTEXT]", "[RESPONSE", "A]", "B]", "<turn>", "user", "assistant", "system", "A", "B",
@@ -119,18 +120,24 @@ def demo_defaults(model_type="pm", filter="confidence"):
             "save_every": 0, "rounds": 3, "batch_size": 256, "status_min_count": 20}
 
 
+def demo_files(folder):
+    """The paths of the demo's files in `folder`."""
+    return {name: os.path.join(folder, f"{name}.jsonl") for name in ("labeled", "pool", "full", "eval")}
+
+
 def write_demo_data(folder, seed):
     """The demo's files: labeled.jsonl, pool.jsonl (gold kept as `label`, for reporting),
     full.jsonl (labeled + the pool with its gold labels: the fully supervised reference)
-    and eval.jsonl. Returns their paths."""
-    os.makedirs(folder, exist_ok=True)
+    and eval.jsonl. Files already there are kept (they follow from the seed, which the run's
+    settings fix). Returns their paths."""
+    paths = demo_files(folder)
+    if all(os.path.exists(p) for p in paths.values()):
+        return paths
     n_train = DEMO_SIZES["labeled"] + DEMO_SIZES["pool"]
     train = make_pairs(seed, n_train, stream=1)
-    files = {"labeled": train[:DEMO_SIZES["labeled"]], "pool": as_unlabeled(train[DEMO_SIZES["labeled"]:], seed),
-             "full": train, "eval": make_pairs(seed, DEMO_SIZES["eval"], stream=2)}
-    paths = {}
-    for name, rows in files.items():
-        paths[name] = os.path.join(folder, f"{name}.jsonl")
-        with open(paths[name], "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+    rows = {"labeled": train[:DEMO_SIZES["labeled"]], "pool": as_unlabeled(train[DEMO_SIZES["labeled"]:], seed),
+            "full": train, "eval": make_pairs(seed, DEMO_SIZES["eval"], stream=2)}
+    for name, path in paths.items():
+        if not os.path.exists(path):
+            write_jsonl(path, rows[name])
     return paths

@@ -21,9 +21,10 @@ from tqdm import tqdm
 
 from selfrm import dist
 from selfrm.data import collate_pm, collate_rm, example_length
-from selfrm.files import atomic_dir, atomic_path
+from selfrm.files import atomic_path
 from selfrm.losses import pairwise_loss, srm_loss
 from selfrm.modeling import save_model
+from selfrm.settings import SettingsError
 
 
 # ----------------------------------------------------------------------------- plan and schedule
@@ -131,17 +132,20 @@ def save_checkpoint(path, raw_model, optimizer, scaler, step, world, window):
     if not world.master:
         return
     trainable = {n: p.detach().cpu() for n, p in raw_model.named_parameters() if p.requires_grad}
-    with atomic_dir(path) as tmp:
+    # one file, replaced in one rename: a complete checkpoint is in place at every moment
+    with atomic_path(os.path.join(path, "state.pt")) as tmp:
         torch.save({"model": trainable, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                     "step": step, "rng": [r[0] for r in per_rank], "cuda_rng": [r[1] for r in per_rank],
                     "window_sums": [r[2] for r in per_rank], "window_pairs": window["pairs"],
-                    "window_tokens": window["tokens"]}, os.path.join(tmp, "state.pt"))
+                    "window_tokens": window["tokens"]}, tmp)
 
 
 def load_checkpoint(path, raw_model, optimizer, scaler, world):
     state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
-    if len(state["rng"]) != world.world_size:
-        raise ValueError(f"{path}: saved by {len(state['rng'])} ranks, resumed with {world.world_size}")
+    if len(state["rng"]) != world.world_size:  # each rank's data shard and RNG state belong to its count
+        raise SettingsError(f"{path}: this run was checkpointed by {len(state['rng'])} ranks and is resumed by "
+                            f"{world.world_size}: resume it with --nproc_per_node={len(state['rng'])}, or start over "
+                            f"with --resume=false --overwrite=true")
     missing = raw_model.load_state_dict(state["model"], strict=False).unexpected_keys
     if missing:
         raise ValueError(f"{path}: checkpoint weights {missing[:3]} do not belong to this model")
@@ -199,6 +203,8 @@ def train(cfg, model, tokenizer, examples, run_dir, world, settings, label_ids=N
     t_window = time.time()
     batches, batches_epoch = None, -1
     while step < total_steps:
+        if os.environ.get("SELFRM_TEST_STALL_RANK") == str(world.rank):  # tests: this rank stops answering
+            time.sleep(3600)
         epoch, index = divmod(step, steps_per_epoch)
         if epoch != batches_epoch:
             batches, batches_epoch = global_batches(lengths, cfg, world, epoch), epoch

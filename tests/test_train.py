@@ -187,7 +187,8 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, toy_files, pm_f
 def test_rerun_with_other_settings_is_refused(tmp_path, toy_files, pm_folder):
     train_file, _ = toy_files
     run(tmp_path, "r", model=pm_folder, train_file=train_file, max_steps=1)
-    with pytest.raises(SystemExit, match=r"other settings \(lr\)"):
+    with pytest.raises(SettingsError, match=r"other settings \(lr: 0\.002 -> 1\.0\): to start over in it, pass "
+                                            r"--resume=false --overwrite=true"):
         run(tmp_path, "r", model=pm_folder, train_file=train_file, max_steps=1, lr=1.0)
 
 
