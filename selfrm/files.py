@@ -76,10 +76,11 @@ def atomic_dir(path):
 
 def publish_together(writes):
     """Write several files so that they appear together: every one is written whole under a
-    temporary name first, then all are renamed in one go (the only window is between the
-    renames, microseconds long); on an error before that, none appears.
+    temporary name first, then all are renamed in one go. An error at any point leaves none
+    of them (renamed ones are taken back); only a kill in the microseconds between two
+    renames can leave a part, which is why readers of a set check for all of it.
     writes: [(path, function(tmp_path) that writes it)]."""
-    done = []
+    done, published = [], []
     try:
         for path, write in writes:
             folder = os.path.dirname(os.path.abspath(path))
@@ -89,8 +90,14 @@ def publish_together(writes):
             done.append((tmp, path))
             write(tmp)
             follow_umask(tmp)
-        for tmp, path in done:
-            os.replace(tmp, path)
+        try:
+            for tmp, path in done:
+                os.replace(tmp, path)
+                published.append(path)
+        except BaseException:
+            for path in published:
+                os.remove(path)
+            raise
     finally:
         for tmp, _ in done:
             if os.path.exists(tmp):
