@@ -77,6 +77,15 @@ def toy_files(tmp_path_factory):
     return write_jsonl(folder / "train.jsonl", rows[:400]), write_jsonl(folder / "eval.jsonl", rows[400:])
 
 
+@pytest.fixture(scope="session")
+def loop_files(tmp_path_factory):
+    """labeled (48), pool (80, gold kept as `label`) and eval (32) files of the toy task."""
+    folder = tmp_path_factory.mktemp("loop")
+    rows = toy.make_pairs(2, 160)
+    return (write_jsonl(folder / "lab.jsonl", rows[:48]), write_jsonl(folder / "pool.jsonl", toy.as_unlabeled(rows[48:128], 2)),
+            write_jsonl(folder / "eval.jsonl", rows[128:]))
+
+
 def run_one_and_two_ranks(script, args, out_flag, one, two, port):
     """Run `script` as one process, then under torchrun with 2 gloo ranks; out_flag names the
     setting that receives the output paths `one` and `two`."""
@@ -87,3 +96,17 @@ def run_one_and_two_ranks(script, args, out_flag, one, two, port):
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                            script, *args, f"--{out_flag}={two}"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def kill_at_step(monkeypatch, step):
+    """Make training raise KeyboardInterrupt (a kill) when it reaches optimizer step `step`;
+    returns a function that takes the kill away again."""
+    from selfrm import trainer
+    real_lr_at = trainer.lr_at
+
+    def killed(s, total, cfg):
+        if s == step:
+            raise KeyboardInterrupt("killed")
+        return real_lr_at(s, total, cfg)
+    monkeypatch.setattr(trainer, "lr_at", killed)
+    return lambda: monkeypatch.setattr(trainer, "lr_at", real_lr_at)

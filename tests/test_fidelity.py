@@ -12,9 +12,8 @@ import torch
 
 import train
 from conftest import ROOT, write_jsonl
-from test_selftrain import loop, loop_files  # noqa: F401  (a fixture)
-from selfrm import toy
-from selfrm.data import Pair, load_pairs
+from test_selftrain import loop
+from selfrm.data import load_pairs
 from selfrm.dist import Dist
 from selfrm.filters import learning_status
 from selfrm.modeling import PreferenceModel

@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 import evaluate
 import label
 import train
-from conftest import ROOT, write_jsonl
-from selfrm import files, selftrain, trainer
+from conftest import ROOT, kill_at_step, write_jsonl
+from selfrm import files, trainer
 from selfrm.settings import EvalSettings, LabelSettings, SettingsError, TrainSettings, cli, make, parse_args
-from test_selftrain import loop, loop_files  # noqa: F401  (a fixture)
+from test_selftrain import loop
 
 FAST = dict(lr=2e-3, warmup_steps=2, global_batch_size=16, micro_batch_size=8, log_every=1)
 
@@ -339,16 +339,10 @@ def test_12_a_stalled_rank_ends_the_run_with_a_timeout_error(tmp_path, toy_files
 
 def test_12_resuming_with_another_number_of_ranks_is_a_clear_error(tmp_path, toy_files, pm_folder, monkeypatch):
     common = dict(model=pm_folder, train_file=toy_files[0], max_steps=6, save_every=2)
-    real_lr_at = trainer.lr_at
-
-    def killed_at_step_3(step, total, c):
-        if step == 3:
-            raise KeyboardInterrupt("killed")
-        return real_lr_at(step, total, c)
-    monkeypatch.setattr(trainer, "lr_at", killed_at_step_3)
+    revive = kill_at_step(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, "o", **common)
-    monkeypatch.setattr(trainer, "lr_at", real_lr_at)
+    revive()
     path = tmp_path / "o" / "checkpoint" / "state.pt"
     state = torch.load(path, weights_only=True)
     for key in ("rng", "cuda_rng", "window_sums"):  # as two ranks would have saved it

@@ -161,14 +161,6 @@ def test_two_rank_labeling_writes_the_same_file(tmp_path, pm_folder, pool_file):
 
 # ----------------------------------------------------------------------------- the loop
 
-@pytest.fixture(scope="module")
-def loop_files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("loop")
-    rows = toy.make_pairs(2, 160)
-    return (write_jsonl(folder / "lab.jsonl", rows[:48]), write_jsonl(folder / "pool.jsonl", toy.as_unlabeled(rows[48:128], 2)),
-            write_jsonl(folder / "eval.jsonl", rows[128:]))
-
-
 def loop(tmp_path, name, files, **overrides):
     lab, pool, ev = files
     cfg = make(TrainSettings, train_file=lab, unlabeled_file=pool, eval_file=ev, out_dir=str(tmp_path / name),

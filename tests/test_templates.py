@@ -5,7 +5,6 @@ by hand. The real-length tests use SmolLM2's tokenizer and chat template on ../s
 """
 import re
 
-import numpy as np
 import pytest
 
 from selfrm import toy

@@ -7,8 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from conftest import run_one_and_two_ranks, write_jsonl
-from selfrm import trainer
+from conftest import kill_at_step, run_one_and_two_ranks, write_jsonl
 from selfrm.data import DataError, load_pairs
 from selfrm.settings import SettingsError, TrainSettings, make, parse_args
 
@@ -161,19 +160,13 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, toy_files, pm_f
     cfg, _ = run(tmp_path, "straight", **common)
     reference = weights(cfg.out_dir)
 
-    real_lr_at = trainer.lr_at
-
-    def crash_at_step_5(step, total, c):
-        if step == 5:
-            raise KeyboardInterrupt("killed")
-        return real_lr_at(step, total, c)
-    monkeypatch.setattr(trainer, "lr_at", crash_at_step_5)
+    revive = kill_at_step(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, "crashed", **common)
     out = tmp_path / "crashed"
     assert not (out / "model").exists() and (out / "checkpoint" / "state.pt").exists()
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]  # nothing half-written
-    monkeypatch.setattr(trainer, "lr_at", real_lr_at)
+    revive()
     run(tmp_path, "crashed", **common)
     resumed = weights(str(out))
     assert resumed.keys() == reference.keys()
