@@ -23,8 +23,8 @@ from selfrm import dist, toy
 from selfrm.data import Encoder, load_pairs, load_unlabeled, split_labeled
 from selfrm.modeling import load_tokenizer
 from selfrm.files import read_json, write_json
-from selfrm.selftrain import (claim_out_dir, eval_accuracy, format_table, input_fingerprints, input_report, preview,
-                             run_self_training, run_training, train_run)
+from selfrm.selftrain import (check_filter, check_gold, claim_out_dir, eval_accuracy, format_table, input_fingerprints,
+                             input_report, preview, run_self_training, run_training, train_run)
 from selfrm.settings import SettingsError, TrainSettings, cli, parse_args
 
 
@@ -55,6 +55,10 @@ def run(cfg, demo_data_dir, preview_to=None):
     if demo and preview_to is not None:
         toy.write_demo_data(demo_data_dir, cfg.seed)
     data = None if demo and preview_to is None else read_data(cfg)  # the demo's data is written after the claim
+    if cfg.unlabeled_file or cfg.labeled_fraction:
+        check_filter(cfg)
+        if data:
+            check_gold(cfg, data[1])
     if preview_to is not None:
         return preview(cfg, data[0], preview_to)
     inputs = {} if demo else input_fingerprints(cfg)  # the demo's data follows from its settings (the seed)

@@ -14,13 +14,13 @@ import numpy as np
 import torch
 
 from selfrm import dist, settings
-from selfrm.settings import SettingsError
 from selfrm.data import Encoder, Pair, example_length
 from selfrm.files import Locked, fingerprint, lock, publish_together, read_json, remove_leftovers, write_json
 from selfrm.filters import confidence, confidence_filter, learning_status, pseudo_label
 from selfrm.metrics import accuracy
 from selfrm.modeling import add_lora, has_adapters, load_model, load_tokenizer
 from selfrm.scoring import score_encoded, sigmoid
+from selfrm.settings import SettingsError
 from selfrm.trainer import autocast_dtype, global_batches, micro_batches, train
 
 # settings that do not change what a run computes: a resumed run may differ in these
@@ -112,7 +112,7 @@ def encode_training(cfg, tokenizer, pairs, round_index=0, name="round 0"):
     examples = encoder.encode_train(pairs, placement(cfg, len(pairs), round_index))
     report_cuts(encoder, len(pairs), f"{name}: training pairs", cfg)
     if not examples:
-        raise SystemExit(f"{name}: every training pair is longer than max_length={cfg.max_length} "
+        raise SettingsError(f"{name}: every training pair is longer than --max_length={cfg.max_length} "
                          f"(--overlong=drop): nothing is left to train on")
     return examples, encoder
 
@@ -247,7 +247,7 @@ def input_report(eval_pairs, labeled, pool):
 
 def check_filter(cfg):
     if cfg.filter == "status" and cfg.model_type == "pm":
-        raise SystemExit("--filter=status needs a score per response (SER's p = sigmoid(r)); a pairwise "
+        raise SettingsError("--filter=status needs a score per response (SER's p = sigmoid(r)); a pairwise "
                          "model (--model_type=pm) only scores pairs: use --filter=confidence, or --model_type=rm")
 
 
@@ -262,8 +262,7 @@ def relabel(cfg, world, model, tokenizer, pool, encoded=None):
     labels = pseudo_label(prob_a)
     gold = np.array([u.gold for u in pool], dtype=object)
     if cfg.label_source == "gold":  # the SSRM release's filter: not semi-supervised, an explicit option only
-        if any(g is None for g in gold):
-            raise SystemExit("--label_source=gold needs a gold label on every pool row")
+        check_gold(cfg, pool)
         labels = gold.astype(str)
     summary = {"rows": len(pool), "filter": cfg.filter}
     status = None
@@ -292,6 +291,11 @@ def relabel(cfg, world, model, tokenizer, pool, encoded=None):
             row["status"] = int(status[i]) or None
         rows.append(row)
     return rows, summary
+
+
+def check_gold(cfg, pool):
+    if cfg.label_source == "gold" and any(u.gold is None for u in pool):
+        raise SettingsError("--label_source=gold needs a gold label on every pool row")
 
 
 def gold_report(prob_a, labels, gold, keep):

@@ -17,7 +17,7 @@ from selfrm.filters import confidence_filter, learning_status, pseudo_label
 from selfrm.modeling import load_model
 from selfrm.scoring import score_encoded
 from selfrm.selftrain import gold_report
-from selfrm.settings import LabelSettings, TrainSettings, make
+from selfrm.settings import LabelSettings, SettingsError, TrainSettings, make
 
 FAST = dict(lr=3e-3, warmup_steps=1, global_batch_size=16, micro_batch_size=8, log_every=100, epochs=1)
 
@@ -127,10 +127,15 @@ def test_label_writes_every_row_in_order_with_scores(tmp_path, rm_folder, pool_f
     assert saved["pseudo_label_accuracy"] == pytest.approx(np.mean([w["pseudo_label"] == w["label"] for w in written]))
 
 
-def test_status_filter_with_a_pairwise_model_is_a_clear_error(tmp_path, pm_folder, pool_file):
-    with pytest.raises(SystemExit, match="needs a score per response"):
+def test_status_filter_with_a_pairwise_model_is_a_clear_error(tmp_path, pm_folder, pool_file, loop_files):
+    with pytest.raises(SettingsError, match="needs a score per response"):
         label.main(make(LabelSettings, model=pm_folder, unlabeled_file=pool_file, out_file=str(tmp_path / "o.jsonl"),
                         filter="status"))
+    assert not os.listdir(tmp_path)  # refused before anything was written
+    with pytest.raises(SettingsError, match="needs a score per response"):  # train.py: before the run folder is made
+        train.main(make(TrainSettings, model=pm_folder, model_type="pm", train_file=loop_files[0],
+                        unlabeled_file=pool_file, filter="status", out_dir=str(tmp_path / "run")))
+    assert not os.listdir(tmp_path)
 
 
 def test_model_type_comes_from_the_checkpoint(pm_folder, rm_folder):
