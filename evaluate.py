@@ -16,7 +16,7 @@ from selfrm.data import load_pairs
 from selfrm.files import publish_together
 from selfrm.metrics import evaluate_scores
 from selfrm.modeling import check_outputs, load_model, resolve_model_type
-from selfrm.selftrain import score_pairs
+from selfrm.selftrain import encode_pairs, score_pairs
 from selfrm.settings import EvalSettings, SettingsError, cli, parse_args
 
 
@@ -36,10 +36,12 @@ def main(cfg):
     try:
         model, tokenizer = load_model(cfg)
         # ------------------------------------------------------------ score
-        scores = score_pairs(cfg, world, model, tokenizer, pairs)
+        cuts = {}
+        scores = score_pairs(cfg, world, model, tokenizer, pairs, encode_pairs(cfg, tokenizer, pairs, cuts))
         subsets = [str(p.extra.get("subset", "all")) for p in pairs]
         metrics, correct = evaluate_scores(scores, cfg.model_type, subsets)
-        metrics.update(model=cfg.model, model_type=cfg.model_type, eval_file=cfg.eval_file)
+        metrics.update(model=cfg.model, model_type=cfg.model_type, eval_file=cfg.eval_file, max_length=cfg.max_length,
+                       truncated=cuts["truncated"])
         # ------------------------------------------------------------ report and write
         if world.master:  # metrics, predictions and plot appear together
             print(report(metrics))

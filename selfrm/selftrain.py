@@ -257,7 +257,8 @@ def relabel(cfg, world, model, tokenizer, pool, encoded=None):
     Returns (rows, summary): one output row per input row, in input order. Gold labels are
     read only for the summary's accuracies."""
     check_filter(cfg)
-    scores = score(cfg, world, model, tokenizer, encoded or encode_pool(cfg, tokenizer, pool), "label")
+    cuts = {}
+    scores = score(cfg, world, model, tokenizer, encoded or encode_pool(cfg, tokenizer, pool, cuts), "label")
     prob_a = scores["prob_a"]
     labels = pseudo_label(prob_a)
     gold = np.array([u.gold for u in pool], dtype=object)
@@ -265,6 +266,8 @@ def relabel(cfg, world, model, tokenizer, pool, encoded=None):
         check_gold(cfg, pool)
         labels = gold.astype(str)
     summary = {"rows": len(pool), "filter": cfg.filter}
+    if cuts:  # tokenized here (label.py): how many rows were over --max_length
+        summary["truncated"] = cuts["truncated"]
     status = None
     if cfg.filter == "confidence":
         keep = confidence_filter(prob_a, cfg.threshold)

@@ -288,3 +288,21 @@ def test_paper_configs_hold_specs_numbers(name):
     for key, value in expected.items():
         assert getattr(cfg, key) == value, (name, key)
     assert parse_args(TrainSettings, [f"--config={path}", "--lr=3e-6"]).lr == 3e-6  # flags after it win
+
+
+def test_label_and_evaluate_record_how_many_rows_they_truncated(tmp_path, pm_folder, toy_files):
+    import evaluate
+    import label
+    from selfrm.settings import EvalSettings, LabelSettings
+    pairs = load_pairs(toy_files[0])[:32]
+    long = lambda i, text: text + " w1" * (30 if i % 4 == 0 else 0)  # 8 of 32 rows over 30 tokens
+    eval_path = write_jsonl(tmp_path / "e.jsonl", [{"prompt": p.prompt, "chosen": long(i, p.chosen), "rejected": p.rejected}
+                                                   for i, p in enumerate(pairs)])
+    pool_path = write_jsonl(tmp_path / "u.jsonl", [{"prompt": p.prompt, "response_a": long(i, p.chosen),
+                                                    "response_b": p.rejected} for i, p in enumerate(pairs)])
+    _, summary = label.main(make(LabelSettings, model=pm_folder, unlabeled_file=pool_path, max_length=30,
+                                 out_file=str(tmp_path / "l.jsonl")))
+    assert summary["truncated"] == 8 and json.load(open(tmp_path / "l.summary.json"))["truncated"] == 8
+    metrics = evaluate.main(make(EvalSettings, model=pm_folder, eval_file=eval_path, max_length=30,
+                                 out_file=str(tmp_path / "m.json")))
+    assert metrics["truncated"] == 8 and json.load(open(tmp_path / "m.json"))["truncated"] == 8

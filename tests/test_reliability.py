@@ -78,6 +78,9 @@ def test_1_a_kill_between_a_rounds_two_outputs_resumes(tmp_path, pm_folder, loop
     assert drop(resumed) == drop(straight)
     assert same_weights(weights(out / "round_2" / "model"), weights(os.path.join(cfg.out_dir, "round_2", "model")))
     assert temporaries(out) == []  # 6
+    before = snapshot(out)  # 4: a finished self-training run, rerun, changes no file
+    _, again = loop(tmp_path, "killed", loop_files, **common)
+    assert snapshot(out) == before and drop(again) == drop(straight)
 
 
 def test_2_a_complete_checkpoint_is_in_place_at_every_moment(tmp_path, toy_files, pm_folder, monkeypatch):
