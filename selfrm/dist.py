@@ -79,6 +79,15 @@ def all_reduce_sum(tensor):
     return tensor
 
 
+def all_reduce_max(value, world):
+    """The largest of an integer over ranks (the value itself on one process)."""
+    if not dist.is_initialized():
+        return value
+    tensor = torch.tensor([value], device=world.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
 def gather_shards(local, world):
     """Each rank holds a list for its shard `range(rank, n, world_size)`; return the whole
     list in the original order, on every rank."""

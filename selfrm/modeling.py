@@ -51,7 +51,7 @@ class PreferenceModel(nn.Module):
             setattr(hf, hf.base_model_prefix, backbone)
         if token_ids is not None:
             logits = logits[:, token_ids]
-        return logits.float()
+        return logits.to(torch.float32, copy=True)  # not a view: FSDP2 hooks this output for its backward
 
 
 class _Given(nn.Module):
@@ -233,12 +233,16 @@ def _hf_module(model):
     return model.lm if isinstance(model, PreferenceModel) else model.model
 
 
-def save_model(model, tokenizer, path, settings, adapter_only=False):
+def save_model(model, tokenizer, path, settings, adapter_only=False, state_dict=None):
     """Write `path` whole or not at all: the HF model (LoRA merged unless adapter_only), the
     tokenizer and settings.json. Merging replaces the adapters inside `model` by the merged
-    weights, so `model` stays usable (for scoring) after the save."""
+    weights, so `model` stays usable (for scoring) after the save. `state_dict`: the wrapper's
+    full weights, gathered from a sharded (FSDP) model."""
     model = inner(model)
     hf = _hf_module(model)
+    if state_dict is not None:  # the wrapper's keys are 'lm.<hf key>' or 'model.<hf key>'
+        prefix = "lm." if isinstance(model, PreferenceModel) else "model."
+        state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
     if hasattr(hf, "merge_and_unload") and not adapter_only:
         hf = hf.merge_and_unload()
         if isinstance(model, PreferenceModel):
@@ -246,7 +250,7 @@ def save_model(model, tokenizer, path, settings, adapter_only=False):
         else:
             model.model = hf
     with atomic_dir(path) as tmp:
-        hf.save_pretrained(tmp)
+        hf.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "settings.json"), "w") as f:
             json.dump(settings, f, indent=2)

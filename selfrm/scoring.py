@@ -6,6 +6,7 @@ P(a1 > a2) = (p_A(a1, a2) + p_B(a2, a1)) / 2.
 rm (SPEC 1b): both responses in the same batch; P(a1 > a2) = sigmoid(r1 - r2), and each
 response's score p = sigmoid(r).
 """
+import math
 import time
 
 import numpy as np
@@ -14,6 +15,7 @@ from tqdm import tqdm
 
 from selfrm import dist
 from selfrm.data import pad_right
+from selfrm.fsdp import is_sharded
 from selfrm.modeling import inner
 
 
@@ -29,6 +31,10 @@ def score_encoded(model, encoded, pad_id, label_ids, world, batch_size=32, amp_d
     # longest first: batches of similar length, and an out-of-memory shows on the first batch
     order = sorted(shard, key=lambda i: -max(len(encoded[i][0]), len(encoded[i][1])))
     token_ids = torch.tensor([label_ids["A"], label_ids["B"]], device=device) if label_ids else None
+    # under FSDP each forward gathers weights from every rank, so every rank runs as many forwards:
+    # agreed on here, before any (the agreement is a collective too)
+    batches = math.ceil(len(order) / batch_size)
+    idle_forwards = dist.all_reduce_max(batches, world) - batches if is_sharded(model) else 0
     results = {}
     bar = tqdm(total=len(shard), desc=desc, unit="pair", disable=not world.master, leave=False, dynamic_ncols=True)
     start = time.time()
@@ -49,6 +55,12 @@ def score_encoded(model, encoded, pad_id, label_ids, world, batch_size=32, amp_d
         bar.update(len(idx))
         bar.set_postfix(pairs_per_s=f"{(b + len(idx)) / (time.time() - start):.1f}")
     bar.close()
+    idle = torch.full((2, 1), pad_id, dtype=torch.long, device=device)
+    for _ in range(idle_forwards):
+        if token_ids is not None:
+            model(idle, torch.ones_like(idle), torch.zeros(2, dtype=torch.long, device=device), token_ids=token_ids)
+        else:
+            model(idle, torch.ones_like(idle))
     width = 1 if token_ids is not None else 3
     merged = np.array(dist.gather_shards([results[i] for i in shard], world), dtype=np.float64).reshape(len(encoded), width)
     out = {"prob_a": merged[:, 0]}

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from selfrm import dist
 from selfrm.data import collate_pm, collate_rm, example_length
 from selfrm.files import atomic_path
+from selfrm.fsdp import full_model_state, full_optimizer_state, is_sharded, load_full_state, shard
 from selfrm.losses import pairwise_loss, srm_loss
 from selfrm.modeling import save_model
 from selfrm.settings import SettingsError
@@ -98,14 +99,21 @@ def backward_global_batch(model, micro, n_global, collate, world, autocast, scal
     stats = torch.zeros(2, device=world.device)
     for k, examples in enumerate(micro):
         batch = {key: v.to(world.device, non_blocking=True) for key, v in collate(examples).items()}
-        # gradients are all-reduced only on the last micro-step of the step
-        sync = nullcontext() if (not world.ddp or k == len(micro) - 1) else model.no_sync()
-        with sync:
+        with gradient_sync(model, last=k == len(micro) - 1):
             with autocast:
                 losses, correct = pair_losses(model, batch, margin, center)
             scaler.scale(losses.sum() * world.world_size / n_global).backward()
         stats += torch.stack([losses.detach().sum(), correct.sum().float()])
     return stats
+
+
+def gradient_sync(model, last):
+    """Gradients are reduced over ranks only on the last micro-step of a step: DDP's no_sync
+    before it; FSDP2's set_requires_gradient_sync (the same, for sharded gradients)."""
+    if is_sharded(model):
+        model.set_requires_gradient_sync(last)
+        return nullcontext()
+    return model.no_sync() if isinstance(model, DDP) and not last else nullcontext()
 
 
 def make_collate(model_type, tokenizer, label_ids):
@@ -126,15 +134,19 @@ def make_collate(model_type, tokenizer, label_ids):
 def save_checkpoint(path, raw_model, optimizer, scaler, step, world, window):
     """Trainable weights, optimizer and scaler state, step, every rank's RNG state and open
     log window, written whole or not at all (plain tensors and numbers: loads with
-    weights_only=True)."""
+    weights_only=True). A sharded (FSDP) model's state is gathered whole to rank 0 first."""
     cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0, dtype=torch.uint8)
     per_rank = dist.gather_shards([(torch.get_rng_state(), cuda_rng, window["sums"].cpu())], world)
+    if is_sharded(raw_model):  # collectives: every rank takes part
+        trainable, optimizer_state = full_model_state(raw_model), full_optimizer_state(raw_model, optimizer)
     if not world.master:
         return
-    trainable = {n: p.detach().cpu() for n, p in raw_model.named_parameters() if p.requires_grad}
+    if not is_sharded(raw_model):
+        trainable = {n: p.detach().cpu() for n, p in raw_model.named_parameters() if p.requires_grad}
+        optimizer_state = optimizer.state_dict()
     # one file, replaced in one rename: a complete checkpoint is in place at every moment
     with atomic_path(os.path.join(path, "state.pt")) as tmp:
-        torch.save({"model": trainable, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+        torch.save({"model": trainable, "optimizer": optimizer_state, "scaler": scaler.state_dict(),
                     "step": step, "rng": [r[0] for r in per_rank], "cuda_rng": [r[1] for r in per_rank],
                     "window_sums": [r[2] for r in per_rank], "window_pairs": window["pairs"],
                     "window_tokens": window["tokens"]}, tmp)
@@ -146,10 +158,13 @@ def load_checkpoint(path, raw_model, optimizer, scaler, world):
         raise SettingsError(f"{path}: this run was checkpointed by {len(state['rng'])} ranks and is resumed by "
                             f"{world.world_size}: resume it with --nproc_per_node={len(state['rng'])}, or start over "
                             f"with --resume=false --overwrite=true")
-    missing = raw_model.load_state_dict(state["model"], strict=False).unexpected_keys
-    if missing:
-        raise ValueError(f"{path}: checkpoint weights {missing[:3]} do not belong to this model")
-    optimizer.load_state_dict(state["optimizer"])
+    if is_sharded(raw_model):
+        load_full_state(raw_model, optimizer, state["model"], state["optimizer"])
+    else:
+        missing = raw_model.load_state_dict(state["model"], strict=False).unexpected_keys
+        if missing:
+            raise ValueError(f"{path}: checkpoint weights {missing[:3]} do not belong to this model")
+        optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"][world.rank])
     if torch.cuda.is_available() and state["cuda_rng"][world.rank].numel():
@@ -170,7 +185,12 @@ def train(cfg, model, tokenizer, examples, run_dir, world, settings, label_ids=N
     raw_model.train()
     if cfg.gradient_checkpointing:
         raw_model.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None) if world.ddp else raw_model
+    if cfg.fsdp and world.ddp:  # in place: raw_model is the sharded model too
+        model = shard(raw_model, device)
+    elif world.ddp:
+        model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        model = raw_model
     params = [p for p in raw_model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg, device)
     amp_dtype = autocast_dtype(cfg, device)
@@ -244,8 +264,9 @@ def train(cfg, model, tokenizer, examples, run_dir, world, settings, label_ids=N
     bar.close()
 
     # -------------------------------------------------------------------------- save
+    full = full_model_state(raw_model) if is_sharded(raw_model) else None  # a collective
     if world.master:
-        save_model(raw_model, tokenizer, os.path.join(run_dir, "model"), settings, cfg.save_adapter_only)
+        save_model(raw_model, tokenizer, os.path.join(run_dir, "model"), settings, cfg.save_adapter_only, full)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     dist.barrier()
     last = log_rows[-1] if log_rows else {}

@@ -1,0 +1,64 @@
+"""FSDP2 (`torch.distributed.fsdp.fully_shard`): weights, gradients and optimizer state
+sharded over the ranks, for models whose full fine-tuning does not fit one GPU under DDP.
+
+Each decoder block is one unit (gathered for its forward and backward, then freed); the
+PreferenceModel/RewardModel wrapper is the root, so the embeddings, the final norm and the
+head are whole inside its forward (the label-row head runs inside it). Mixed precision: bf16
+compute with fp32 gradient reduction on a GPU that has bf16, fp32 elsewhere (the CPU does not
+refuse bf16, but it is slow there and not what the tests compare).
+"""
+import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from selfrm.settings import SettingsError
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered to rank 0, on the CPU
+
+
+def shard(model, device):
+    """Shard `model` (a PreferenceModel or RewardModel) in place: every decoder block, then
+    the wrapper as the root. Returns it."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    else:
+        policy = MixedPrecisionPolicy()
+    for block in decoder_blocks(model.hf):
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def decoder_blocks(hf):
+    backbone = getattr(hf, hf.base_model_prefix)
+    for name in ("layers", "h", "blocks", "layer"):
+        blocks = getattr(backbone, name, None)
+        if isinstance(blocks, torch.nn.ModuleList):
+            return list(blocks)
+        encoder = getattr(backbone, "encoder", None)  # BERT-like encoders keep them one level down
+        if encoder is not None and isinstance(getattr(encoder, name, None), torch.nn.ModuleList):
+            return list(getattr(encoder, name))
+    raise SettingsError(f"--fsdp: cannot find the decoder blocks of {type(hf).__name__} to shard")
+
+
+def is_sharded(model):
+    return isinstance(model, FSDPModule)
+
+
+# Every function below is a collective: every rank must call it, not only rank 0.
+
+def full_model_state(model):
+    """The whole model's weights on rank 0 (an empty dict on the others)."""
+    return get_model_state_dict(model, options=FULL)
+
+
+def full_optimizer_state(model, optimizer):
+    return get_optimizer_state_dict(model, optimizer, options=FULL)
+
+
+def load_full_state(model, optimizer, model_state, optimizer_state):
+    """Load full state dicts (the same on every rank) into the sharded model and optimizer."""
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)

@@ -1,0 +1,128 @@
+"""--fsdp=true under torchrun on the CPU (gloo, FSDP2): the same training as one process and
+as DDP, a saved model that plain transformers loads, the self-training loop with uneven
+scoring shards, and a kill resumed to the same weights (issue: the papers' scale, first part)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, write_jsonl
+from selfrm.data import Encoder, load_pairs
+from selfrm.settings import SettingsError, TrainSettings, make
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TOLERANCE = dict(rtol=1e-4, atol=1e-5)  # 2 ranks sum gradients in another order than 1 process
+
+
+def torchrun(args, port, ranks=2, **kwargs):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
+                           f"--master_port={port}", "train.py", *args], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, **kwargs)
+
+
+def losses(out_dir):
+    return [json.loads(line)["loss"] for line in open(os.path.join(out_dir, "train_log.jsonl"))]
+
+
+def test_fsdp_trains_like_ddp_and_one_process_and_saves_a_plain_model(tmp_path, toy_files, rm_folder):
+    train_file, eval_file = toy_files
+    args = [f"--model={rm_folder}", "--model_type=rm", f"--train_file={train_file}", f"--eval_file={eval_file}",
+            "--max_steps=4", "--global_batch_size=16", "--micro_batch_size=4", "--lr=2e-3", "--warmup_steps=1",
+            "--log_every=1"]
+    subprocess.run([sys.executable, "train.py", *args, f"--out_dir={tmp_path / 'one'}"], cwd=ROOT, env=ENV, check=True,
+                   capture_output=True)
+    for name, extra, port in (("ddp", [], 29571), ("fsdp", ["--fsdp=true"], 29572)):
+        done = torchrun(args + extra + [f"--out_dir={tmp_path / name}"], port)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one = losses(tmp_path / "one")
+    assert len(one) == 4
+    for name in ("ddp", "fsdp"):
+        np.testing.assert_allclose(losses(tmp_path / name), one, **TOLERANCE)
+        ref, got = load_file(tmp_path / "one" / "model" / "model.safetensors"), load_file(tmp_path / name / "model" / "model.safetensors")
+        assert got.keys() == ref.keys()
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], **TOLERANCE)
+    # the FSDP run's model, loaded by plain transformers, scores the eval pairs as the sharded model did
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    folder = tmp_path / "fsdp" / "model"
+    hf = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    pairs = load_pairs(eval_file)
+    ids = Encoder(tok, "rm", 512).encode_score([p.prompt for p in pairs], [p.chosen for p in pairs], [p.rejected for p in pairs])
+    with torch.no_grad():
+        reward = lambda seq: hf(input_ids=torch.tensor([seq])).logits[0, 0].item()
+        accuracy = np.mean([reward(c) > reward(r) for c, r in ids])
+    manifest = json.load(open(tmp_path / "fsdp" / "manifest.json"))
+    assert accuracy == pytest.approx(manifest["rounds"][0]["eval_accuracy"], abs=1e-9)
+
+
+def test_fsdp_self_training_loop_with_uneven_scoring_shards(tmp_path, pm_folder, loop_files):
+    """The pool (81 pairs in batches of 40) gives rank 0 two scoring batches and rank 1 one:
+    under FSDP every forward is a collective, so rank 1 must run an idle one."""
+    lab, pool, ev = loop_files
+    rows = [json.loads(line) for line in open(pool)] + [json.loads(open(pool).readline())]
+    pool81 = write_jsonl(tmp_path / "pool81.jsonl", rows)
+    args = [f"--model={pm_folder}", f"--train_file={lab}", f"--unlabeled_file={pool81}", f"--eval_file={ev}", "--rounds=2",
+            "--threshold=0.5", "--global_batch_size=16", "--micro_batch_size=8", "--lr=2e-3", "--warmup_steps=1",
+            "--batch_size=40"]
+    subprocess.run([sys.executable, "train.py", *args, f"--out_dir={tmp_path / 'one'}"], cwd=ROOT, env=ENV, check=True,
+                   capture_output=True)
+    done = torchrun(args + ["--fsdp=true", f"--out_dir={tmp_path / 'fsdp'}"], 29573, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rounds = lambda name: [(r["round"], r.get("kept"), r.get("eval_accuracy"))
+                           for r in json.load(open(tmp_path / name / "manifest.json"))["rounds"]]
+    assert rounds("fsdp") == rounds("one") and len(rounds("one")) == 3
+
+
+def descendants(pid):
+    """Every process below `pid` (from /proc)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def test_a_killed_fsdp_run_resumes_to_the_same_weights(tmp_path, toy_files, pm_folder):
+    args = [f"--model={pm_folder}", f"--train_file={toy_files[0]}", "--epochs=4", "--save_every=5",
+            "--global_batch_size=16", "--micro_batch_size=8", "--lr=2e-3", "--fsdp=true"]
+    straight = torchrun(args + [f"--out_dir={tmp_path / 'straight'}"], 29574)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    out = tmp_path / "killed"
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29575",
+                                 "train.py", *args, f"--out_dir={out}"], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "checkpoint" / "state.pt").exists() and time.time() < deadline and launcher.poll() is None:
+        time.sleep(0.05)
+    for pid in descendants(launcher.pid) + [launcher.pid]:  # both ranks (torchrun gives them their own group), then it
+        os.kill(pid, signal.SIGKILL)
+    launcher.wait()
+    assert not (out / "model").exists(), "the run finished before the kill: make it longer"
+    resumed = torchrun(args + [f"--out_dir={out}"], 29576)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    ref, got = load_file(tmp_path / "straight" / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors")
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_fsdp_with_lora_is_refused_at_start_up():
+    with pytest.raises(SettingsError, match="--fsdp=true trains every weight: LoRA under FSDP"):
+        make(TrainSettings, fsdp=True, lora=True)
