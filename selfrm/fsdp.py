@@ -8,6 +8,7 @@ compute with fp32 gradient reduction on a GPU that has bf16, fp32 elsewhere (the
 refuse bf16, but it is slow there and not what the tests compare).
 """
 import torch
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -53,12 +54,15 @@ def full_model_state(model):
     return get_model_state_dict(model, options=FULL)
 
 
-def full_optimizer_state(model, optimizer):
-    return get_optimizer_state_dict(model, optimizer, options=FULL)
+def save_sharded(folder, model, optimizer):
+    """Each rank writes its own shards of the weights and AdamW state (torch.distributed.
+    checkpoint) into `folder`: no rank ever holds the whole state."""
+    dcp.save({"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)},
+             checkpoint_id=folder)
 
 
-def load_full_state(model, optimizer, model_state, optimizer_state):
-    """Load full state dicts (the same on every rank) into the sharded model and optimizer."""
-    options = StateDictOptions(full_state_dict=True, strict=False)
-    set_model_state_dict(model, model_state, options=options)
-    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+def load_sharded(folder, model, optimizer):
+    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=folder)  # fills the shards of `state` in place
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])

@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from selfrm import dist
 from selfrm.data import collate_pm, collate_rm, example_length
-from selfrm.files import atomic_path
-from selfrm.fsdp import full_model_state, full_optimizer_state, is_sharded, load_full_state, shard
+from selfrm.files import TMP_SUFFIX, atomic_path
+from selfrm.fsdp import full_model_state, is_sharded, load_sharded, save_sharded, shard
 from selfrm.losses import pairwise_loss, srm_loss
 from selfrm.modeling import save_model
 from selfrm.settings import SettingsError
@@ -137,19 +137,28 @@ def save_checkpoint(path, raw_model, optimizer, scaler, step, world, window):
     weights_only=True). A sharded (FSDP) model's state is gathered whole to rank 0 first."""
     cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0, dtype=torch.uint8)
     per_rank = dist.gather_shards([(torch.get_rng_state(), cuda_rng, window["sums"].cpu())], world)
-    if is_sharded(raw_model):  # collectives: every rank takes part
-        trainable, optimizer_state = full_model_state(raw_model), full_optimizer_state(raw_model, optimizer)
-    if not world.master:
-        return
-    if not is_sharded(raw_model):
-        trainable = {n: p.detach().cpu() for n, p in raw_model.named_parameters() if p.requires_grad}
-        optimizer_state = optimizer.state_dict()
-    # one file, replaced in one rename: a complete checkpoint is in place at every moment
-    with atomic_path(os.path.join(path, "state.pt")) as tmp:
-        torch.save({"model": trainable, "optimizer": optimizer_state, "scaler": scaler.state_dict(),
-                    "step": step, "rng": [r[0] for r in per_rank], "cuda_rng": [r[1] for r in per_rank],
-                    "window_sums": [r[2] for r in per_rank], "window_pairs": window["pairs"],
-                    "window_tokens": window["tokens"]}, tmp)
+    state = {"scaler": scaler.state_dict(), "step": step, "rng": [r[0] for r in per_rank],
+             "cuda_rng": [r[1] for r in per_rank], "window_sums": [r[2] for r in per_rank],
+             "window_pairs": window["pairs"], "window_tokens": window["tokens"]}
+    if is_sharded(raw_model):
+        # every rank writes its shards into a hidden folder; rank 0 renames it into place, then
+        # state.pt (one rename) points at it, then the older one goes: one is complete at every moment
+        name = f"shards-{step:08d}"
+        hidden = os.path.join(path, f".{name}{TMP_SUFFIX}")
+        save_sharded(hidden, raw_model, optimizer)
+        dist.barrier()
+        if world.master:
+            os.replace(hidden, os.path.join(path, name))
+            state["shards"] = name
+    elif world.master:
+        state["model"] = {n: p.detach().cpu() for n, p in raw_model.named_parameters() if p.requires_grad}
+        state["optimizer"] = optimizer.state_dict()
+    if world.master:
+        with atomic_path(os.path.join(path, "state.pt")) as tmp:  # one file, replaced in one rename
+            torch.save(state, tmp)
+        for old in os.listdir(path):
+            if old.startswith("shards-") and old != state.get("shards"):
+                shutil.rmtree(os.path.join(path, old))
 
 
 def load_checkpoint(path, raw_model, optimizer, scaler, world):
@@ -159,7 +168,7 @@ def load_checkpoint(path, raw_model, optimizer, scaler, world):
                             f"{world.world_size}: resume it with --nproc_per_node={len(state['rng'])}, or start over "
                             f"with --resume=false --overwrite=true")
     if is_sharded(raw_model):
-        load_full_state(raw_model, optimizer, state["model"], state["optimizer"])
+        load_sharded(os.path.join(path, state["shards"]), raw_model, optimizer)
     else:
         missing = raw_model.load_state_dict(state["model"], strict=False).unexpected_keys
         if missing:

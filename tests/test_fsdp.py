@@ -116,6 +116,12 @@ def test_a_killed_fsdp_run_resumes_to_the_same_weights(tmp_path, toy_files, pm_f
         os.kill(pid, signal.SIGKILL)
     launcher.wait()
     assert not (out / "model").exists(), "the run finished before the kill: make it longer"
+    # the checkpoint is sharded: one file per rank, written by that rank; no gathered weights
+    state = torch.load(out / "checkpoint" / "state.pt", weights_only=True)
+    shards = out / "checkpoint" / state["shards"]
+    assert "model" not in state and "optimizer" not in state
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= set(os.listdir(shards))
+    assert [n for n in os.listdir(out / "checkpoint") if n.startswith("shards-")] == [state["shards"]]
     resumed = torchrun(args + [f"--out_dir={out}"], 29576)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout + resumed.stderr
