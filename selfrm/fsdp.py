@@ -31,6 +31,23 @@ def shard(model, device):
     return model
 
 
+def shard_from_rank0(model, device, world):
+    """Shard a model that only rank 0 has loaded (the others built it on the meta device, so a
+    node's host memory holds one copy, not one per rank), then fill every rank's shards from
+    rank 0's full state. Buffers come from rank 0 too: non-persistent ones (Llama's rotary
+    inv_freq) are computed at construction, not loaded, and hold garbage after to_empty."""
+    if world.master:
+        model.to(device)
+    full = model.state_dict() if world.master else {}  # references to rank 0's tensors, no copy
+    shard(model, device)
+    if not world.master:
+        model.to_empty(device=device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in model.buffers():
+        torch.distributed.broadcast(buffer, src=0)
+    return model
+
+
 def decoder_blocks(hf):
     backbone = getattr(hf, hf.base_model_prefix)
     for name in ("layers", "h", "blocks", "layer"):

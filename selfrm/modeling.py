@@ -171,16 +171,26 @@ def check_outputs(outputs, inputs):
             raise SettingsError(f"--{key}={path}: is an input file of this run; it would be overwritten")
 
 
-def load_model(cfg, source=None, tokenizer=None):
+def load_model(cfg, source=None, tokenizer=None, meta=False):
     """The model of kind cfg.model_type from `source` (default cfg.model), fp32 weights on the
     CPU, as a PreferenceModel or RewardModel. A folder holding a LoRA adapter saved by
-    selfrm is loaded on top of its base model."""
+    selfrm is loaded on top of its base model. meta=True builds the architecture on the
+    meta device, with no weights (an FSDP rank that receives its shards from rank 0)."""
     source = source or cfg.model
     tokenizer = tokenizer or load_tokenizer(cfg, source)
     auto = AutoModelForCausalLM if cfg.model_type == "pm" else AutoModelForSequenceClassification
     extra = {"num_labels": 1} if cfg.model_type == "rm" else {}
     adapter = os.path.isdir(source) and os.path.exists(os.path.join(source, "adapter_config.json"))
-    if source == "toy":
+    if meta:
+        with torch.device("meta"):
+            if source == "toy":
+                hf = toy.build_model(cfg.model_type, tokenizer)
+            else:
+                check_source(source)
+                config = AutoConfig.from_pretrained(source, gguf_file=cfg.gguf_file or None,
+                                                    trust_remote_code=cfg.trust_remote_code, **extra)
+                hf = auto.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    elif source == "toy":
         torch.manual_seed(cfg.seed)
         hf = toy.build_model(cfg.model_type, tokenizer)
     else:

@@ -96,7 +96,8 @@ def train_run(cfg, world, pairs, run_dir, source, round_index=0, name=None):
         model, tokenizer = load_model(cfg, model_dir)
         return model, tokenizer, {"pairs": len(pairs), "resumed": "finished"}
     torch.manual_seed(cfg.seed + round_index)  # dropout, and the init of a toy model
-    model, tokenizer = load_model(cfg, source)
+    # under FSDP only rank 0 reads the weights; the others receive their shards from it
+    model, tokenizer = load_model(cfg, source, meta=cfg.fsdp and world.ddp and not world.master)
     if cfg.lora and not has_adapters(model):  # a saved adapter (--init_from=previous) trains on as it is
         add_lora(model, cfg)
     examples, encoder = encode_training(cfg, tokenizer, pairs, round_index, name)

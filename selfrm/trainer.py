@@ -22,7 +22,7 @@ from tqdm import tqdm
 from selfrm import dist
 from selfrm.data import collate_pm, collate_rm, example_length
 from selfrm.files import TMP_SUFFIX, atomic_path
-from selfrm.fsdp import full_model_state, is_sharded, load_sharded, save_sharded, shard
+from selfrm.fsdp import full_model_state, is_sharded, load_sharded, save_sharded, shard_from_rank0
 from selfrm.losses import pairwise_loss, srm_loss
 from selfrm.modeling import save_model
 from selfrm.settings import SettingsError
@@ -189,13 +189,14 @@ def train(cfg, model, tokenizer, examples, run_dir, world, settings, label_ids=N
     """Train `model` (a PreferenceModel or RewardModel) on encoded `examples`; save the final
     model to run_dir/model and return a summary. Resumes from run_dir/checkpoint when there."""
     device = world.device
-    raw_model = model.to(device)
+    fsdp = cfg.fsdp and world.ddp
+    raw_model = model if fsdp else model.to(device)
     # training mode: dropout (the model's, LoRA's) is on, and the library only checkpoints in it
     raw_model.train()
     if cfg.gradient_checkpointing:
         raw_model.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.fsdp and world.ddp:  # in place: raw_model is the sharded model too
-        model = shard(raw_model, device)
+    if fsdp:  # in place: raw_model is the sharded model too
+        model = shard_from_rank0(raw_model, device, world)
     elif world.ddp:
         model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
     else:
