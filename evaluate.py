@@ -8,12 +8,11 @@ its four sections and scores) and `id`. A pairwise model is scored in both order
 counts 0.5); a scalar model is right only when r_chosen > r_rejected. With matplotlib
 installed, --out_file=M.json also writes M.png (reliability diagram and histogram).
 """
-import json
 import os
 
 from selfrm import dist
 from selfrm.data import load_pairs
-from selfrm.files import publish_together
+from selfrm.files import dump_json, dump_jsonl, publish_together
 from selfrm.metrics import evaluate_scores
 from selfrm.modeling import check_outputs, load_model, resolve_model_type
 from selfrm.selftrain import encode_pairs, score_pairs
@@ -92,17 +91,6 @@ def plotter():
         print("matplotlib is not installed: no plot (the table above has the same numbers)")
         return None
     return plt
-
-
-def dump_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-
-
-def dump_jsonl(path, rows):
-    with open(path, "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 def plot(m, path):

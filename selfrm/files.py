@@ -121,16 +121,27 @@ def remove_leftovers(folder):
     return removed
 
 
-def write_json(path, obj):
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
+def dump_json(path, obj):
+    """Write `obj` as indented JSON (plain: atomic callers write to a temporary path)."""
+    with open(path, "w") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
 
 
+def dump_jsonl(path, rows):
+    """Write one JSON object a line (plain: atomic callers write to a temporary path)."""
+    with open(path, "w") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def write_json(path, obj):
+    with atomic_path(path) as tmp:
+        dump_json(tmp, obj)
+
+
 def write_jsonl(path, rows):
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    with atomic_path(path) as tmp:
+        dump_jsonl(tmp, rows)
 
 
 def read_json(path):

@@ -15,7 +15,8 @@ import torch
 
 from selfrm import dist, settings
 from selfrm.data import Encoder, Pair, example_length
-from selfrm.files import Locked, fingerprint, lock, publish_together, read_json, remove_leftovers, write_json
+from selfrm.files import (Locked, dump_json, dump_jsonl, fingerprint, lock, publish_together, read_json,
+                          remove_leftovers, write_json)
 from selfrm.filters import confidence, confidence_filter, learning_status, pseudo_label
 from selfrm.metrics import accuracy
 from selfrm.modeling import add_lora, has_adapters, load_model, load_tokenizer
@@ -339,15 +340,8 @@ def as_pairs(rows):
 
 def write_rows_and_summary(path, rows, summary):
     """A labeled file and its summary, published together (files.publish_together)."""
-    def rows_to(tmp):
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-
-    def summary_to(tmp):
-        with open(tmp, "w") as f:
-            json.dump(summary, f, indent=2)
-            f.write("\n")
-    publish_together([(summary_path(path), summary_to), (path, rows_to)])
+    publish_together([(summary_path(path), lambda tmp: dump_json(tmp, summary)),
+                      (path, lambda tmp: dump_jsonl(tmp, rows))])
 
 
 def summary_path(out_file):
