@@ -165,22 +165,21 @@ def encode_for_scoring(cfg, tokenizer, prompts, firsts, seconds, wheres, what, c
     truncates every over-long pair (none is dropped); `counts` receives the cut counts."""
     encoder = Encoder(tokenizer, cfg.model_type, cfg.max_length)
     ids = encoder.encode_score(prompts, firsts, seconds, wheres)
+    cuts = report_cuts(encoder, len(prompts), what, cfg)
     if counts is not None:
-        counts.update(report_cuts(encoder, len(prompts), what, cfg))
+        counts.update(cuts)
     return ids, encoder.label_ids or None
 
 
 def encode_pairs(cfg, tokenizer, pairs, counts=None):
     """Labeled pairs, with a = chosen and b = rejected."""
     return encode_for_scoring(cfg, tokenizer, [p.prompt for p in pairs], [p.chosen for p in pairs],
-                              [p.rejected for p in pairs], [p.where for p in pairs], "eval pairs",
-                              {} if counts is None else counts)
+                              [p.rejected for p in pairs], [p.where for p in pairs], "eval pairs", counts)
 
 
 def encode_pool(cfg, tokenizer, pool, counts=None):
     return encode_for_scoring(cfg, tokenizer, [u.prompt for u in pool], [u.response_a for u in pool],
-                              [u.response_b for u in pool], [u.where for u in pool], "unlabeled pairs",
-                              {} if counts is None else counts)
+                              [u.response_b for u in pool], [u.where for u in pool], "unlabeled pairs", counts)
 
 
 def score(cfg, world, model, tokenizer, encoded, desc):
