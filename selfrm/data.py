@@ -83,7 +83,8 @@ def read_text(path):
     except PermissionError:
         raise DataError(f"{path}: cannot be read (permission denied)") from None
     except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
-        raise DataError(f"{path}: not a readable gzip file ({e or type(e).__name__})") from None
+        what = "not a readable gzip file" if path.endswith(".gz") else "cannot be read"
+        raise DataError(f"{path}: {what} ({e or type(e).__name__})") from None
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -134,7 +134,8 @@ def make_collate(model_type, tokenizer, label_ids):
 def save_checkpoint(path, raw_model, optimizer, scaler, step, world, window):
     """Trainable weights, optimizer and scaler state, step, every rank's RNG state and open
     log window, written whole or not at all (plain tensors and numbers: loads with
-    weights_only=True). A sharded (FSDP) model's state is gathered whole to rank 0 first."""
+    weights_only=True). A sharded (FSDP) model's weights and optimizer state are written by
+    every rank as its own shards (torch.distributed.checkpoint), which state.pt names."""
     cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0, dtype=torch.uint8)
     per_rank = dist.gather_shards([(torch.get_rng_state(), cuda_rng, window["sums"].cpu())], world)
     state = {"scaler": scaler.state_dict(), "step": step, "rng": [r[0] for r in per_rank],
