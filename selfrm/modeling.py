@@ -32,6 +32,11 @@ class PreferenceModel(nn.Module):
         """The HF causal LM (LoRA layers, if any, live inside it)."""
         return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
 
+    @property
+    def adapted(self):
+        """The module the wrapper calls: the peft model under LoRA, else the HF model."""
+        return self.lm
+
     def forward(self, input_ids, attention_mask, label_positions, token_ids=None):
         """Next-token logits at label_positions, fp32: (B, V), or (B, len(token_ids)) when only
         the columns of `token_ids` (e.g. the ids of `A` and `B`) are wanted.
@@ -86,9 +91,14 @@ class RewardModel(nn.Module):
     def hf(self):
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
+    @property
+    def adapted(self):
+        return self.model
+
     def forward(self, input_ids, attention_mask):
         """(N,) fp32 rewards."""
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
+        rewards = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+        return rewards.to(torch.float32, copy=True)  # not a view: FSDP2 hooks this output for its backward
 
 
 def inner(model):
@@ -236,23 +246,15 @@ def add_lora(model, cfg):
 
 def has_adapters(model):
     """Whether the model already carries LoRA adapters (it was loaded from a saved adapter)."""
-    return hasattr(_hf_module(model), "peft_config")
+    return hasattr(model.adapted, "peft_config")
 
 
-def _hf_module(model):
-    return model.lm if isinstance(model, PreferenceModel) else model.model
-
-
-def save_model(model, tokenizer, path, settings, adapter_only=False, state_dict=None):
+def save_model(model, tokenizer, path, settings, adapter_only=False):
     """Write `path` whole or not at all: the HF model (LoRA merged unless adapter_only), the
     tokenizer and settings.json. Merging replaces the adapters inside `model` by the merged
-    weights, so `model` stays usable (for scoring) after the save. `state_dict`: the wrapper's
-    full weights, gathered from a sharded (FSDP) model."""
+    weights, so `model` stays usable (for scoring) after the save."""
     model = inner(model)
-    hf = _hf_module(model)
-    if state_dict is not None:  # the wrapper's keys are 'lm.<hf key>' or 'model.<hf key>'
-        prefix = "lm." if isinstance(model, PreferenceModel) else "model."
-        state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+    hf = model.adapted
     if hasattr(hf, "merge_and_unload") and not adapter_only:
         hf = hf.merge_and_unload()
         if isinstance(model, PreferenceModel):
@@ -260,7 +262,7 @@ def save_model(model, tokenizer, path, settings, adapter_only=False, state_dict=
         else:
             model.model = hf
     with atomic_dir(path) as tmp:
-        hf.save_pretrained(tmp, state_dict=state_dict)
+        hf.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "settings.json"), "w") as f:
             json.dump(settings, f, indent=2)

@@ -300,9 +300,6 @@ def make(cls, **values):
             raise SettingsError(f"--{key}={getattr(cfg, key)!r}: must be {what}")
     if hasattr(cfg, "tau_low") and cfg.tau_low > cfg.tau_high:
         raise SettingsError(f"--tau_low={cfg.tau_low} is above --tau_high={cfg.tau_high}: status 1 could never be met")
-    if getattr(cfg, "fsdp", False) and (cfg.lora or cfg.save_adapter_only):
-        raise SettingsError("--fsdp=true trains every weight: LoRA under FSDP (peft's layers inside sharded blocks, "
-                            "the merge at save) is not wired up yet; use --lora with DDP (without --fsdp)")
     if getattr(cfg, "out_dir", None) == "":
         raise SettingsError("--out_dir is empty: name the run's folder")
     if getattr(cfg, "center_rewards_coefficient", 0) and cfg.model_type == "pm":

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from selfrm import dist
 from selfrm.data import collate_pm, collate_rm, example_length
 from selfrm.files import TMP_SUFFIX, atomic_path
-from selfrm.fsdp import full_model_state, is_sharded, load_sharded, save_sharded, shard_from_rank0
+from selfrm.fsdp import full_model_state, is_sharded, load_sharded, save_sharded, shard_from_rank0, unsharded_copy
 from selfrm.losses import pairwise_loss, srm_loss
 from selfrm.modeling import save_model
 from selfrm.settings import SettingsError
@@ -275,9 +275,12 @@ def train(cfg, model, tokenizer, examples, run_dir, world, settings, label_ids=N
     bar.close()
 
     # -------------------------------------------------------------------------- save
-    full = full_model_state(raw_model) if is_sharded(raw_model) else None  # a collective
+    to_save = raw_model
+    if is_sharded(raw_model):
+        full = full_model_state(raw_model)  # a collective: every rank takes part, rank 0 receives
+        to_save = unsharded_copy(raw_model, full) if world.master else None
     if world.master:
-        save_model(raw_model, tokenizer, os.path.join(run_dir, "model"), settings, cfg.save_adapter_only, full)
+        save_model(to_save, tokenizer, os.path.join(run_dir, "model"), settings, cfg.save_adapter_only)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     dist.barrier()
     last = log_rows[-1] if log_rows else {}

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.distributed.checkpoint import FileSystemReader
 
 from conftest import ROOT, write_jsonl
 from selfrm.data import Encoder, load_pairs
-from selfrm.settings import SettingsError, TrainSettings, make
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TOLERANCE = dict(rtol=1e-4, atol=1e-5)  # 2 ranks sum gradients in another order than 1 process
@@ -100,9 +100,10 @@ def descendants(pid):
     return out
 
 
-def test_a_killed_fsdp_run_resumes_to_the_same_weights(tmp_path, toy_files, pm_folder):
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_killed_fsdp_run_resumes_to_the_same_weights(tmp_path, toy_files, pm_folder, lora):
     args = [f"--model={pm_folder}", f"--train_file={toy_files[0]}", "--epochs=4", "--save_every=5",
-            "--global_batch_size=16", "--micro_batch_size=8", "--lr=2e-3", "--fsdp=true"]
+            "--global_batch_size=16", "--micro_batch_size=8", "--lr=2e-3", "--fsdp=true", f"--lora={lora}"]
     straight = torchrun(args + [f"--out_dir={tmp_path / 'straight'}"], 29574)
     assert straight.returncode == 0, straight.stderr[-3000:]
     out = tmp_path / "killed"
@@ -122,6 +123,9 @@ def test_a_killed_fsdp_run_resumes_to_the_same_weights(tmp_path, toy_files, pm_f
     assert "model" not in state and "optimizer" not in state
     assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= set(os.listdir(shards))
     assert [n for n in os.listdir(out / "checkpoint") if n.startswith("shards-")] == [state["shards"]]
+    # only trainable weights are checkpointed: under LoRA the adapters, not the frozen base
+    saved = [k for k in FileSystemReader(str(shards)).read_metadata().state_dict_metadata if k.startswith("model.")]
+    assert len(saved) == (8 if lora else 21) and all(("lora_" in k) == lora for k in saved), saved
     resumed = torchrun(args + [f"--out_dir={out}"], 29576)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout + resumed.stderr
@@ -129,6 +133,28 @@ def test_a_killed_fsdp_run_resumes_to_the_same_weights(tmp_path, toy_files, pm_f
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
 
 
-def test_fsdp_with_lora_is_refused_at_start_up():
-    with pytest.raises(SettingsError, match="--fsdp=true trains every weight: LoRA under FSDP"):
-        make(TrainSettings, fsdp=True, lora=True)
+def test_lora_under_fsdp_trains_like_one_process_and_saves_merged_or_adapter(tmp_path, toy_files, pm_folder, rm_folder):
+    """pm: the merged model (plain HF keys); rm: the adapter and peft's copy of the score head."""
+    train_file, eval_file = toy_files
+    common = [f"--train_file={train_file}", "--max_steps=4", "--global_batch_size=16", "--micro_batch_size=4",
+              "--lr=5e-3", "--warmup_steps=1", "--log_every=1", "--lora=true", "--lora_dropout=0"]
+    for kind, extra, weights, port in (("pm", [f"--model={pm_folder}"], "model.safetensors", 29577),
+                                       ("rm", [f"--model={rm_folder}", "--model_type=rm", "--save_adapter_only=true"],
+                                        "adapter_model.safetensors", 29578)):
+        one, fsdp = tmp_path / f"{kind}-one", tmp_path / f"{kind}-fsdp"
+        subprocess.run([sys.executable, "train.py", *common, *extra, f"--out_dir={one}"], cwd=ROOT, env=ENV,
+                       check=True, capture_output=True)
+        done = torchrun(common + extra + ["--fsdp=true", f"--out_dir={fsdp}"], port)
+        assert done.returncode == 0, done.stderr[-3000:]
+        np.testing.assert_allclose(losses(fsdp), losses(one), **TOLERANCE)
+        ref, got = load_file(one / "model" / weights), load_file(fsdp / "model" / weights)
+        assert got.keys() == ref.keys()
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], **TOLERANCE)
+        if kind == "pm":  # merged: the base model's own keys, and the adapters' update is in the weights
+            base = load_file(os.path.join(pm_folder, "model.safetensors"))
+            assert got.keys() == base.keys()
+            assert not torch.allclose(got["model.layers.0.self_attn.q_proj.weight"],
+                                      base["model.layers.0.self_attn.q_proj.weight"])
+        else:
+            assert any("lora_A" in k for k in got) and any(k.endswith("score.weight") for k in got)
