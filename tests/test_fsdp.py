@@ -134,11 +134,13 @@ def test_a_killed_fsdp_run_resumes_to_the_same_weights(tmp_path, toy_files, pm_f
 
 
 def test_lora_under_fsdp_trains_like_one_process_and_saves_merged_or_adapter(tmp_path, toy_files, pm_folder, rm_folder):
-    """pm: the merged model (plain HF keys); rm: the adapter and peft's copy of the score head."""
+    """pm: the merged model (plain HF keys), with gradient checkpointing in the sharded blocks;
+    rm: the adapter and peft's copy of the score head."""
     train_file, eval_file = toy_files
     common = [f"--train_file={train_file}", "--max_steps=4", "--global_batch_size=16", "--micro_batch_size=4",
               "--lr=5e-3", "--warmup_steps=1", "--log_every=1", "--lora=true", "--lora_dropout=0"]
-    for kind, extra, weights, port in (("pm", [f"--model={pm_folder}"], "model.safetensors", 29577),
+    for kind, extra, weights, port in (("pm", [f"--model={pm_folder}", "--gradient_checkpointing=true"],
+                                        "model.safetensors", 29577),
                                        ("rm", [f"--model={rm_folder}", "--model_type=rm", "--save_adapter_only=true"],
                                         "adapter_model.safetensors", 29578)):
         one, fsdp = tmp_path / f"{kind}-one", tmp_path / f"{kind}-fsdp"
