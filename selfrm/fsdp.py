@@ -7,14 +7,11 @@ head are whole inside its forward (the label-row head runs inside it). Mixed pre
 compute with fp32 gradient reduction on a GPU that has bf16, fp32 elsewhere (the CPU does not
 refuse bf16, but it is slow there and not what the tests compare).
 """
-import copy
-
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from peft import get_peft_model
 
 from selfrm.settings import SettingsError
 
@@ -90,17 +87,3 @@ def load_sharded(folder, model, optimizer):
     set_model_state_dict(model, state["model"], options=StateDictOptions(ignore_frozen_params=True, strict=False))
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
-
-def unsharded_copy(model, state):
-    """Rank 0: a plain, unsharded copy of `model` on the CPU holding `state` (full_model_state's
-    gathered weights) without copying them: built on the meta device, then handed the tensors.
-    Saving it (the LoRA merge, save_pretrained) is then the same as without FSDP."""
-    hf, outer = model.hf, model.adapted
-    with torch.device("meta"):
-        twin = type(hf)(hf.config)
-        if hasattr(outer, "peft_config"):  # the same adapters, so the same keys
-            twin = get_peft_model(twin, copy.deepcopy(outer.peft_config[outer.active_adapter]))
-    twin = type(model)(twin)
-    twin.load_state_dict(state, assign=True)  # non-persistent buffers stay on meta: nothing saves them
-    twin.hf.tie_weights()  # assign gave tied weights (embeddings and LM head) separate tensors
-    return twin

@@ -6,12 +6,14 @@ reward-model kinds as small `nn.Module`s that DDP wraps.
   ever built.
 - `RewardModel` (rm): a sequence classifier with one output; the reward is its logit.
 """
+import copy
 import json
 import os
 
 import torch
 import torch.nn as nn
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft.utils import ModulesToSaveWrapper
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
@@ -242,6 +244,40 @@ def add_lora(model, cfg):
     else:
         model.model = get_peft_model(model.model, lora)
     return model
+
+
+def store_frozen(model, dtype):
+    """Keep the frozen weights (the base under LoRA) in `dtype`; trainable ones stay fp32. The
+    frozen layers then compute in `dtype` (peft casts what enters and leaves its adapters), and
+    peft's trainable copy of a head (the rm's score) gets its input cast to its own dtype."""
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point():
+            p.data = p.data.to(dtype)
+    for module in model.modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            module.register_forward_pre_hook(_to_own_dtype)
+    return model
+
+
+def _to_own_dtype(module, args):
+    dtype = next(p.dtype for p in module.parameters() if p.requires_grad)
+    return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def rebuilt(model, state):
+    """A plain copy of `model` (a PreferenceModel or RewardModel, LoRA adapters included) on the
+    CPU, holding the tensors of `state` without copying them: built on the meta device, then
+    handed the tensors. For the save, where the model itself is sharded (FSDP) or half
+    precision (a LoRA merge into bf16 weights would round the adapters' small update away)."""
+    hf, outer = model.hf, model.adapted
+    with torch.device("meta"):
+        twin = type(hf)(hf.config)
+        if hasattr(outer, "peft_config"):  # the same adapters, so the same keys
+            twin = get_peft_model(twin, copy.deepcopy(outer.peft_config[outer.active_adapter]))
+    twin = type(model)(twin)
+    twin.load_state_dict(state, assign=True)  # non-persistent buffers stay on meta: nothing saves them
+    twin.hf.tie_weights()  # assign gave tied weights (embeddings and LM head) separate tensors
+    return twin
 
 
 def has_adapters(model):

@@ -19,7 +19,7 @@ from selfrm.files import (Locked, dump_json, dump_jsonl, fingerprint, lock, publ
                           remove_leftovers, write_json)
 from selfrm.filters import confidence, confidence_filter, learning_status, pseudo_label
 from selfrm.metrics import accuracy
-from selfrm.modeling import add_lora, has_adapters, load_model, load_tokenizer
+from selfrm.modeling import add_lora, has_adapters, load_model, load_tokenizer, store_frozen
 from selfrm.scoring import score_encoded, sigmoid
 from selfrm.settings import SettingsError
 from selfrm.trainer import autocast_dtype, global_batches, micro_batches, train
@@ -101,6 +101,8 @@ def train_run(cfg, world, pairs, run_dir, source, round_index=0, name=None):
     model, tokenizer = load_model(cfg, source, meta=cfg.fsdp and world.ddp and not world.master)
     if cfg.lora and not has_adapters(model):  # a saved adapter (--init_from=previous) trains on as it is
         add_lora(model, cfg)
+    if cfg.weights_dtype == "bf16":
+        store_frozen(model, torch.bfloat16)
     examples, encoder = encode_training(cfg, tokenizer, pairs, round_index, name)
     summary = train(cfg, model, tokenizer, examples, run_dir, world, settings.to_dict(cfg), encoder.label_ids,
                     desc=name)

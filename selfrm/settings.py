@@ -108,6 +108,7 @@ class TrainSettings(ModelSettings, FilterSettings):
     lora_dropout: float = 0.1
     lora_target_modules: str = ""  # comma-separated module names; empty = peft's default for the model
     save_adapter_only: bool = False  # save the LoRA adapter (+ score head) instead of the merged model
+    weights_dtype: str = "fp32"  # frozen weights (the base under --lora): fp32 | bf16 (half their memory); trainable ones stay fp32
     # bookkeeping
     log_every: int = 10  # steps between log lines (and JSONL rows in train_log.jsonl)
     save_every: int = 100  # steps between resumable checkpoints (0 = only at the end)
@@ -146,6 +147,7 @@ CHOICES = {
     "status_mode": ("sequential", "union"),
     "label_source": ("argmax", "gold"),
     "schedule": ("cosine", "linear", "constant"),
+    "weights_dtype": ("fp32", "bf16"),
     "init_from": ("base", "previous"),
     "emit": ("rows", "pairs"),
     "overlong": ("truncate", "drop"),
@@ -300,6 +302,13 @@ def make(cls, **values):
             raise SettingsError(f"--{key}={getattr(cfg, key)!r}: must be {what}")
     if hasattr(cfg, "tau_low") and cfg.tau_low > cfg.tau_high:
         raise SettingsError(f"--tau_low={cfg.tau_low} is above --tau_high={cfg.tau_high}: status 1 could never be met")
+    if getattr(cfg, "weights_dtype", "fp32") != "fp32":
+        if not cfg.lora:
+            raise SettingsError(f"--weights_dtype={cfg.weights_dtype} stores the frozen weights in {cfg.weights_dtype}: "
+                                "without --lora every weight trains, and trainable weights stay fp32")
+        if cfg.fsdp:
+            raise SettingsError(f"--weights_dtype={cfg.weights_dtype} is for DDP: under --fsdp each GPU holds only its "
+                                "shard of the frozen weights, and computes in bf16 on a GPU that has it")
     if getattr(cfg, "out_dir", None) == "":
         raise SettingsError("--out_dir is empty: name the run's folder")
     if getattr(cfg, "center_rewards_coefficient", 0) and cfg.model_type == "pm":

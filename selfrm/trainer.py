@@ -22,9 +22,9 @@ from tqdm import tqdm
 from selfrm import dist
 from selfrm.data import collate_pm, collate_rm, example_length
 from selfrm.files import TMP_SUFFIX, atomic_path
-from selfrm.fsdp import full_model_state, is_sharded, load_sharded, save_sharded, shard_from_rank0, unsharded_copy
+from selfrm.fsdp import full_model_state, is_sharded, load_sharded, save_sharded, shard_from_rank0
 from selfrm.losses import pairwise_loss, srm_loss
-from selfrm.modeling import save_model
+from selfrm.modeling import rebuilt, save_model
 from selfrm.settings import SettingsError
 
 
@@ -278,7 +278,9 @@ def train(cfg, model, tokenizer, examples, run_dir, world, settings, label_ids=N
     to_save = raw_model
     if is_sharded(raw_model):
         full = full_model_state(raw_model)  # a collective: every rank takes part, rank 0 receives
-        to_save = unsharded_copy(raw_model, full) if world.master else None
+        to_save = rebuilt(raw_model, full) if world.master else None
+    elif world.master and cfg.weights_dtype != "fp32" and not cfg.save_adapter_only:  # merge in fp32
+        to_save = rebuilt(raw_model, {k: v.detach().to("cpu", torch.float32) for k, v in raw_model.state_dict().items()})
     if world.master:
         save_model(to_save, tokenizer, os.path.join(run_dir, "model"), settings, cfg.save_adapter_only)
         shutil.rmtree(ckpt_dir, ignore_errors=True)

@@ -2,6 +2,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -210,3 +211,49 @@ def test_speed_options_do_not_change_the_result(tmp_path, toy_files, pm_folder, 
     plain, fast = weights(plain_cfg.out_dir), weights(fast_cfg.out_dir)
     for k in plain:
         torch.testing.assert_close(fast[k], plain[k], rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_frozen_weights_halve_the_base_and_merge_in_fp32(tmp_path, toy_files, rm_folder):
+    """--weights_dtype=bf16 (rm, LoRA): the frozen base is bf16 and the adapters and peft's score
+    head fp32 while training; losses stay within bf16's reach of the fp32 run; the merged model
+    is fp32(bf16(W)) + (alpha/r) B A exactly, which a merge in bf16 would round away."""
+    from selfrm.dist import Dist
+    from selfrm.selftrain import train_run
+    train_file, _ = toy_files
+    pairs = load_pairs(train_file)
+    common = dict(model=rm_folder, model_type="rm", train_file=train_file, lora=True, lora_dropout=0.0, max_steps=3,
+                  lr=1e-2, log_every=1)
+    runs = {}
+    for name, extra in (("fp32", {}), ("bf16", {"weights_dtype": "bf16"}),
+                        ("adapter", {"weights_dtype": "bf16", "save_adapter_only": True})):
+        cfg = make(TrainSettings, out_dir=str(tmp_path / name), **{**FAST, **common, **extra})
+        model, _, _ = train_run(cfg, Dist(), pairs, cfg.out_dir, cfg.model)
+        runs[name] = cfg.out_dir
+        if name != "bf16":
+            continue
+        frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+        trainable = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+        assert frozen == {torch.bfloat16} and set(trainable.values()) == {torch.float32}
+        assert any("lora_A" in n for n in trainable) and any("score" in n for n in trainable)
+    loss = lambda name: [json.loads(line)["loss"] for line in open(os.path.join(runs[name], "train_log.jsonl"))]
+    assert len(loss("bf16")) == 3 and loss("bf16") != loss("fp32")
+    np.testing.assert_allclose(loss("bf16"), loss("fp32"), atol=2e-3)
+    # the merge, by hand from the adapter run (same seed, same steps: the same adapters)
+    base, merged = load_file(os.path.join(rm_folder, "model.safetensors")), weights(runs["bf16"])
+    adapter = load_file(os.path.join(runs["adapter"], "model", "adapter_model.safetensors"))
+    assert all(v.dtype == torch.float32 for v in merged.values())
+    a = adapter["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
+    b = adapter["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
+    w = base["model.layers.0.self_attn.q_proj.weight"].bfloat16().float()
+    update = (32 / 8) * b @ a
+    got = merged["model.layers.0.self_attn.q_proj.weight"]
+    torch.testing.assert_close(got, w + update, rtol=0, atol=1e-6)
+    assert (((w + update).bfloat16().float() - got).abs().max() > 1e-4)  # what a bf16 merge would have saved
+    torch.testing.assert_close(merged["score.weight"], adapter["base_model.model.score.weight"])
+
+
+@pytest.mark.parametrize("extra, message", [({}, "without --lora every weight trains"),
+                                            ({"lora": True, "fsdp": True}, "is for DDP: under --fsdp")])
+def test_bf16_frozen_weights_need_lora_without_fsdp(extra, message):
+    with pytest.raises(SettingsError, match=message):
+        make(TrainSettings, weights_dtype="bf16", **extra)
