@@ -5,6 +5,7 @@ LOCAL_RANK and WORLD_SIZE set. NCCL on CUDA, gloo on the CPU.
 """
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -54,7 +55,14 @@ def timed_out(error):
 
 
 def compute_cleanup():
+    """Tear the process group down; called from a `finally`. On a clean exit the ranks first
+    meet at a barrier: torch 2.13's gloo can deadlock in the process group's destructor while
+    its worker thread still finishes a rank's last collective (seen as 2-rank LoRA runs that
+    hung at exit). After an exception there is no barrier, so a failing rank never waits for
+    one that is stuck elsewhere."""
     if dist.is_initialized():
+        if sys.exc_info()[0] is None:
+            dist.barrier()
         dist.destroy_process_group()
 
 
