@@ -1,5 +1,6 @@
 """Every kill resumes to the same result; every bad input is one clear error and leaves
 nothing behind (issue: reliability). Numbers in the comments are the issue's cases."""
+import contextlib
 import gzip
 import json
 import os
@@ -338,6 +339,28 @@ def test_12_a_stalled_rank_ends_the_run_with_a_timeout_error(tmp_path, toy_files
     assert done.returncode != 0
     assert "error: a collective timed out: a rank stopped answering for --dist_timeout_s" in done.stderr, done.stderr[-3000:]
     assert time.time() - start < 120
+
+
+def test_12_ranks_meet_before_teardown_only_on_a_clean_exit(monkeypatch):
+    """A barrier before destroy_process_group avoids gloo's destructor deadlock; after an
+    exception a rank must not wait there for ranks that may be stuck elsewhere."""
+    import torch.distributed as tdist
+
+    from selfrm import dist
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29547")
+    barriers = []
+    monkeypatch.setattr(tdist, "barrier", lambda *a, **k: barriers.append(1))
+    for fail in (False, True):
+        tdist.init_process_group("gloo", rank=0, world_size=1)
+        with pytest.raises(ValueError) if fail else contextlib.nullcontext():
+            try:
+                if fail:
+                    raise ValueError("a failing rank")
+            finally:
+                dist.compute_cleanup()
+        assert not tdist.is_initialized()
+    assert barriers == [1]
 
 
 def test_12_resuming_with_another_number_of_ranks_is_a_clear_error(tmp_path, toy_files, pm_folder, monkeypatch):
