@@ -86,4 +86,3 @@ def load_sharded(folder, model, optimizer):
     # not strict: the frozen weights are absent by design; a missing trainable one fails in dcp.load
     set_model_state_dict(model, state["model"], options=StateDictOptions(ignore_frozen_params=True, strict=False))
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
-
