@@ -160,3 +160,42 @@ def test_lora_under_fsdp_trains_like_one_process_and_saves_merged_or_adapter(tmp
                                       base["model.layers.0.self_attn.q_proj.weight"])
         else:
             assert any("lora_A" in k for k in got) and any(k.endswith("score.weight") for k in got)
+
+
+COUNTING = """
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+from transformers.models.llama import modeling_llama
+import train
+
+calls = []
+real = modeling_llama.LlamaMLP.forward
+
+def counting(self, x):  # counted inside forward: a checkpoint's recompute runs no module hooks
+    calls.append(torch.is_grad_enabled())
+    return real(self, x)
+
+modeling_llama.LlamaMLP.forward = counting
+train.main(train.settings_from_argv(sys.argv[3:]))
+with open(os.path.join(sys.argv[2], f"calls-{os.environ['RANK']}.json"), "w") as f:
+    json.dump(calls, f)
+"""
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_checkpointing_recomputes_inside_the_sharded_blocks(tmp_path, toy_files, pm_folder, checkpointing):
+    """FSDP + LoRA: each rank runs each of the 2 decoder layers once per micro-batch forward and,
+    with --gradient_checkpointing, once more in the backward (the recompute)."""
+    script = tmp_path / "counting.py"
+    script.write_text(COUNTING)
+    args = [f"--model={pm_folder}", f"--train_file={toy_files[0]}", "--max_steps=2", "--global_batch_size=16",
+            "--micro_batch_size=4", "--fsdp=true", "--lora=true", f"--gradient_checkpointing={checkpointing}",
+            f"--out_dir={tmp_path / 'o'}"]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29579",
+                           str(script), ROOT, str(tmp_path), *args], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    forwards = 2 * 2 * 2  # per rank: 2 steps x 2 micro-batches of 4 (8 pairs of the 16) x 2 layers
+    for rank in (0, 1):
+        calls = json.load(open(tmp_path / f"calls-{rank}.json"))
+        assert calls.count(True) == forwards * (2 if checkpointing else 1) and calls.count(False) == 0
