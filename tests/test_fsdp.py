@@ -21,9 +21,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TOLERANCE = dict(rtol=1e-4, atol=1e-5)  # 2 ranks sum gradients in another order than 1 process
 
 
-def torchrun(args, port, ranks=2, **kwargs):
+def torchrun(args, port, ranks=2, script="train.py", **kwargs):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
-                           f"--master_port={port}", "train.py", *args], cwd=ROOT, env=ENV, capture_output=True,
+                           f"--master_port={port}", script, *args], cwd=ROOT, env=ENV, capture_output=True,
                           text=True, **kwargs)
 
 
@@ -192,8 +192,7 @@ def test_checkpointing_recomputes_inside_the_sharded_blocks(tmp_path, toy_files,
     args = [f"--model={pm_folder}", f"--train_file={toy_files[0]}", "--max_steps=2", "--global_batch_size=16",
             "--micro_batch_size=4", "--fsdp=true", "--lora=true", f"--gradient_checkpointing={checkpointing}",
             f"--out_dir={tmp_path / 'o'}"]
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29579",
-                           str(script), ROOT, str(tmp_path), *args], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    done = torchrun([ROOT, str(tmp_path), *args], 29579, script=str(script))
     assert done.returncode == 0, done.stderr[-3000:]
     forwards = 2 * 2 * 2  # per rank: 2 steps x 2 micro-batches of 4 (8 pairs of the 16) x 2 layers
     for rank in (0, 1):
