@@ -14,7 +14,7 @@ from selfrm import dist
 from selfrm.data import load_pairs
 from selfrm.files import dump_json, dump_jsonl, publish_together
 from selfrm.metrics import evaluate_scores
-from selfrm.modeling import check_outputs, load_model, resolve_model_type
+from selfrm.modeling import check_outputs, load_model, resolve_max_length, resolve_model_type
 from selfrm.selftrain import encode_pairs, score_pairs
 from selfrm.settings import EvalSettings, SettingsError, cli, parse_args
 
@@ -24,6 +24,7 @@ def main(cfg):
         raise SettingsError("--eval_file is required")
     # ---------------------------------------------------------------- settings and data, checked before any write
     cfg.model_type = resolve_model_type(cfg)
+    resolve_max_length(cfg)
     plot_path = os.path.splitext(cfg.out_file)[0] + ".png" if cfg.out_file and cfg.plot else ""
     check_outputs({"out_file": cfg.out_file, "predictions_file": cfg.predictions_file, "plot": plot_path},
                   [cfg.eval_file])

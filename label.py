@@ -12,7 +12,7 @@ import json
 
 from selfrm import dist
 from selfrm.data import load_unlabeled
-from selfrm.modeling import check_outputs, load_model, resolve_model_type
+from selfrm.modeling import check_outputs, load_model, resolve_max_length, resolve_model_type
 from selfrm.selftrain import as_pairs, check_filter, check_gold, relabel, summary_path, write_rows_and_summary
 from selfrm.settings import LabelSettings, SettingsError, cli, parse_args
 
@@ -22,6 +22,7 @@ def main(cfg):
         raise SettingsError("--unlabeled_file and --out_file are required")
     # ---------------------------------------------------------------- settings and data, checked before any write
     cfg.model_type = resolve_model_type(cfg)
+    resolve_max_length(cfg)
     check_outputs({"out_file": cfg.out_file, "summary": summary_path(cfg.out_file)}, [cfg.unlabeled_file])
     pool = load_unlabeled(cfg.unlabeled_file, cfg.format, cfg.as_unlabeled, cfg.seed, cfg.bad_rows)
     check_filter(cfg)

@@ -44,7 +44,7 @@ def worker(mode):
     if mode.endswith("bf16"):
         store_frozen(model, torch.bfloat16)
     fsdp = mode.startswith("fsdp") and world.ddp
-    wrapped = shard(model, world.device) if fsdp else DDP(model) if world.ddp else model
+    wrapped = shard(model) if fsdp else DDP(model) if world.ddp else model
     params = [p for p in model.parameters()]
     optimizer = make_optimizer([p for p in params if p.requires_grad], make(TrainSettings, lr=1e-4), world.device)
     ids = torch.randint(0, 32000, (2, 256))

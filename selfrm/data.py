@@ -399,11 +399,13 @@ class Encoder:
         body = pm_parts(prompt, first, second)
         return self.chat.parts([("user", body)], add_generation_prompt=True) if self.chat else body
 
-    def rm_sequence(self, prompt, response):
+    def rm_sequence(self, prompt, response, index=0):
+        """`index` names the response's segment: ("response", index)."""
         if not self.chat:
-            return context_parts(prompt + [{"role": "assistant", "content": response}], last_is_response=True)
+            parts = context_parts(prompt + [{"role": "assistant", "content": response}], last_is_response=True)
+            return [(t, ("response", index) if seg == ("response", 0) else seg) for t, seg in parts]
         return self.chat.parts([(m["role"], [(m["content"], ("turn", i))]) for i, m in enumerate(prompt)] +
-                               [("assistant", [(response, ("response", 0))])])
+                               [("assistant", [(response, ("response", index))])])
 
     def pm_text(self, prompt, first, second):
         return join(self.pm_sequence(prompt, first, second))
@@ -447,32 +449,37 @@ class Encoder:
         return out
 
     def fit(self, prompt, responses, render, where):
-        """The sequences of one example cut to max_length by the rules of templates.py."""
+        """The sequences of one example cut to max_length by the rules of templates.py. Every
+        sequence of the example (both orders of a pm pair; chosen and rejected of an rm pair)
+        keeps the same context and the same text of each response."""
         L = self.max_length
         for k in range(len(prompt)):  # the fewest oldest turns to drop so that the template fits
             kept = prompt[k:]
-            parts = render(kept, responses)[0]
-            ids, segs = self._tokenize(parts)
+            tokenized = [self._tokenize(parts) for parts in render(kept, responses)]
+            segs = tokenized[0][1]
             context = [segs.get(("turn", i), []) for i in range(len(kept))]
-            n_context, n_responses = sum(map(len, context)), [len(segs.get(("response", j), [])) for j in range(len(responses))]
-            fixed = len(ids) - n_context - sum(n_responses)
-            if fixed + min(1, n_context) + sum(n_responses) <= L:
+            n_context = sum(map(len, context))
+            spans = {}  # response j's token spans, from the first sequence that holds it (pm: ("response", j) is a slot)
+            for _, s in tokenized:
+                spans.update({j: s[("response", j)] for j in range(len(responses)) if ("response", j) in s and j not in spans})
+            n_responses = [len(spans.get(j, [])) for j in range(len(responses))]
+            members = [[j for j in range(len(responses)) if ("response", j) in s] for _, s in tokenized]
+            fixed = [len(ids) - n_context - sum(n_responses[j] for j in m) for (ids, _), m in zip(tokenized, members)]
+            if all(f + min(1, n_context) + sum(n_responses[j] for j in m) <= L for f, m in zip(fixed, members)):
                 break
-        needed = fixed + min(1, n_context) + len(responses)  # the template, one token of context and of each response
-        text = {seg: t for t, seg in parts if seg is not None}
-        # the cut depends on the responses, not their order: both orders of a pair get the same text
-        order = sorted(range(len(responses)), key=lambda j: (-n_responses[j], responses[j]))
+        needed = max(f + min(1, n_context) + len(m) for f, m in zip(fixed, members))  # one token of context and of each response
+        text = {}
+        for parts in render(kept, responses):
+            text.update({seg: t for t, seg in parts if seg is not None and seg not in text})
         extra = 0  # tokens that re-tokenizing the cut text added (merges at the cut)
         for _ in range(8):
-            keep_context = max(min(n_context, L - extra - fixed - sum(n_responses)), min(1, n_context))
-            excess = fixed + keep_context + sum(n_responses) + extra - L
-            keep = cut_responses([n_responses[j] for j in order], max(excess, 0))
+            keep = keep_lengths(n_context, n_responses, fixed, members, L - extra, tie=responses)
             if keep is None:
                 break
-            keep = [keep[order.index(j)] for j in range(len(responses))]
+            keep_context, keep_responses = keep
             new_prompt = cut_context(kept, context, text, n_context - keep_context)
-            new_responses = [text.get(("response", j), r)[:segs[("response", j)][n - 1][1]] if n < n_responses[j] else r
-                             for j, (r, n) in enumerate(zip(responses, keep))]
+            new_responses = [text.get(("response", j), r)[:spans[j][n - 1][1]] if n < n_responses[j] else r
+                             for j, (r, n) in enumerate(zip(responses, keep_responses))]
             seqs = [self._tokenize(p, offsets=False) for p in render(new_prompt, new_responses)]
             over = max(map(len, seqs)) - L
             if over <= 0:
@@ -512,18 +519,40 @@ class Encoder:
         return [tuple(ids) for ids, _ in encoded]
 
     def _rm_pairs(self, prompts, firsts, seconds, wheres, drop=False):
-        """(ids of first, ids of second) per pair; (None, None) for a dropped pair."""
-        one = lambda prompt, r: [self.rm_sequence(prompt, r[0])]
-        encoded = self.encode_examples([(p, [r], one, w) for p, a, b, w in zip(prompts, firsts, seconds, wheres)
-                                        for r in (a, b)], drop)
-        pairs = [(encoded[2 * i], encoded[2 * i + 1]) for i in range(len(prompts))]
-        merged = [(None if a is None or b is None else [a[0], b[0]], cut_a or cut_b) for (a, cut_a), (b, cut_b) in pairs]
-        self._count(merged)
-        return [tuple(ids) if ids is not None else (None, None) for ids, _ in merged]
+        """(ids of first, ids of second) per pair; (None, None) for a dropped pair. The two
+        sequences of a pair are one example: one context cut, so both rewards read the same
+        context."""
+        both = lambda prompt, r: [self.rm_sequence(prompt, r[0], 0), self.rm_sequence(prompt, r[1], 1)]
+        encoded = self.encode_examples([(p, [a, b], both, w) for p, a, b, w in zip(prompts, firsts, seconds, wheres)],
+                                       drop)
+        self._count(encoded)
+        return [tuple(ids) if ids is not None else (None, None) for ids, _ in encoded]
 
     def _count(self, encoded):
         self.dropped += sum(ids is None for ids, _ in encoded)
         self.truncated += sum(ids is not None and cut for ids, cut in encoded)
+
+
+def keep_lengths(n_context, n_responses, fixed, members, max_length, tie=None):
+    """The truncation rule on numbers: tokens kept of the context and of each response.
+    Sequence s holds `fixed[s]` template tokens, the context and the responses `members[s]`,
+    and must fit `max_length`. The context goes first (its oldest tokens, down to one, by what
+    the longest sequence needs), then each sequence's responses (templates.cut_responses:
+    the longer first); a response in several sequences keeps its shortest cut. `tie` orders
+    responses of equal length (their texts: both orders of a pair cut alike). None: no fit."""
+    tie = tie or list(range(len(n_responses)))
+    room = min(max_length - f - sum(n_responses[j] for j in m) for f, m in zip(fixed, members))
+    keep_context = max(min(n_context, room), min(1, n_context))
+    keep = list(n_responses)
+    for f, m in zip(fixed, members):
+        order = sorted(m, key=lambda j: (-n_responses[j], tie[j]))
+        excess = f + keep_context + sum(n_responses[j] for j in m) - max_length
+        cut = cut_responses([n_responses[j] for j in order], max(excess, 0))
+        if cut is None:
+            return None
+        for j, n in zip(order, cut):
+            keep[j] = min(keep[j], n)
+    return keep_context, keep
 
 
 def cut_context(prompt, context_tokens, text, drop):

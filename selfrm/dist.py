@@ -67,7 +67,10 @@ def compute_cleanup():
 
 
 def is_master():
-    return not dist.is_initialized() or dist.get_rank() == 0
+    """Rank 0, also before the process group starts (torchrun's RANK says which)."""
+    if dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
 
 
 def print0(*args, **kwargs):

@@ -3,9 +3,10 @@ sharded over the ranks, for models whose full fine-tuning does not fit one GPU u
 
 Each decoder block is one unit (gathered for its forward and backward, then freed); the
 PreferenceModel/RewardModel wrapper is the root, so the embeddings, the final norm and the
-head are whole inside its forward (the label-row head runs inside it). Mixed precision: bf16
-compute with fp32 gradient reduction on a GPU that has bf16, fp32 elsewhere (the CPU does not
-refuse bf16, but it is slow there and not what the tests compare).
+head are whole inside its forward (the label-row head runs inside it). Mixed precision follows
+--dtype: bf16 gathers the weights in bf16 for compute and reduces gradients in fp32 (master
+weights and AdamW state stay fp32); fp32 is no mixed precision. fp16 is refused in settings:
+its loss scaler would need every rank to agree on an overflow found in any shard.
 """
 import torch
 import torch.distributed.checkpoint as dcp
@@ -19,20 +20,24 @@ FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered to r
 TRAINABLE = StateDictOptions(ignore_frozen_params=True)  # checkpoints: the frozen base (LoRA) is reloaded, not saved
 
 
-def shard(model, device):
+def mixed_precision(compute_dtype):
+    """The policy for a compute dtype (None: fp32, no mixed precision)."""
+    if compute_dtype is None:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+
+
+def shard(model, compute_dtype=None):
     """Shard `model` (a PreferenceModel or RewardModel) in place: every decoder block, then
     the wrapper as the root. Returns it."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    else:
-        policy = MixedPrecisionPolicy()
+    policy = mixed_precision(compute_dtype)
     for block in decoder_blocks(model.hf):
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     return model
 
 
-def shard_from_rank0(model, device, world):
+def shard_from_rank0(model, device, world, compute_dtype=None):
     """Shard a model that only rank 0 has loaded (the others built it on the meta device, so a
     node's host memory holds one copy, not one per rank), then fill every rank's shards from
     rank 0's full state. Buffers come from rank 0 too: non-persistent ones (Llama's rotary
@@ -40,7 +45,7 @@ def shard_from_rank0(model, device, world):
     if world.master:
         model.to(device)
     full = model.state_dict() if world.master else {}  # references to rank 0's tensors, no copy
-    shard(model, device)
+    shard(model, compute_dtype)
     if not world.master:
         model.to_empty(device=device)
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))

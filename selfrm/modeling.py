@@ -6,18 +6,23 @@ reward-model kinds as small `nn.Module`s that DDP wraps.
   ever built.
 - `RewardModel` (rm): a sequence classifier with one output; the reward is its logit.
 """
+import contextlib
 import copy
+import importlib.util
 import json
+import logging
 import os
+import warnings
 
 import torch
 import torch.nn as nn
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft import LoraConfig, PeftConfig, PeftModel, TaskType, get_peft_model
 from peft.utils import ModulesToSaveWrapper
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from selfrm import toy
+from selfrm.dist import print0
 from selfrm.files import atomic_dir
 from selfrm.settings import SettingsError
 
@@ -110,22 +115,46 @@ def inner(model):
 
 # ----------------------------------------------------------------------------- loading
 
-def check_source(source):
+def check_source(source, gguf_file=None):
     """A model given as a local path must exist: without this check transformers takes a
-    missing folder for a hub id and fails on the network."""
+    missing folder for a hub id and fails on the network. A folder of GGUF weights needs
+    --gguf_file to name one (transformers would otherwise fail on a missing tokenizer
+    library), and reading one needs the gguf package. Returns the GGUF file to load: None
+    for a folder that holds none, such as round_0/model of a run started from GGUF weights."""
     local = os.path.isabs(source) or source.startswith((".", "~")) or source.count("/") > 1 or os.sep + os.sep in source
-    if local and not os.path.isdir(os.path.expanduser(source)):
+    folder = os.path.expanduser(source)
+    if local and not os.path.isdir(folder):
         raise SettingsError(f"--model={source}: no such model folder")
+    ggufs = sorted(f for f in os.listdir(folder) if f.endswith(".gguf")) if os.path.isdir(folder) else None
+    if ggufs and not gguf_file and not os.path.exists(os.path.join(folder, "config.json")):
+        raise SettingsError(f"--model={source} holds GGUF weights ({', '.join(ggufs)}) and no config.json: "
+                            f"name the file to load with --gguf_file={ggufs[0]}")
+    if not gguf_file or ggufs == []:  # no GGUF asked for, or a folder of plain weights (a model selfrm saved)
+        return None
+    if ggufs is not None and gguf_file not in ggufs:
+        raise SettingsError(f"--gguf_file={gguf_file}: not in {source}, which holds {', '.join(ggufs)}")
+    if importlib.util.find_spec("gguf") is None:
+        raise SettingsError(f"--gguf_file={gguf_file}: reading GGUF weights needs the gguf package: pip install gguf")
+    return gguf_file
 
 
 def from_pretrained(auto, source, **kwargs):
-    """auto.from_pretrained, with a failure to find or read the model as one clear error."""
-    check_source(source)
+    """auto.from_pretrained, with a failure to find or read the model as one clear error. For a
+    model, transformers' load report (a table with terminal colour codes) becomes one plain
+    line: what report_new_weights says."""
+    kwargs["gguf_file"] = check_source(source, kwargs.get("gguf_file"))
+    is_model = auto is not AutoTokenizer
     try:
-        return auto.from_pretrained(source, **kwargs)
+        with _without_load_report():
+            loaded = auto.from_pretrained(source, **kwargs, **({"output_loading_info": True} if is_model else {}))
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SettingsError(f"--model={source}: cannot be loaded ({first})") from None
+    if not is_model:
+        return loaded
+    model, info = loaded
+    report_new_weights(model, source, info)
+    return model
 
 
 def load_tokenizer(cfg, source=None):
@@ -139,7 +168,41 @@ def load_tokenizer(cfg, source=None):
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     if tokenizer.pad_token is None:
         raise ValueError(f"{source}: the tokenizer has no pad, unk or eos token to pad with")
+    # selfrm cuts every sequence to --max_length itself (Encoder.fit): the tokenizer's warning
+    # that a whole text is longer than the model's maximum would read as an error and is not one
+    tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
+    quiet_deprecations()
     return tokenizer
+
+
+def report_new_weights(model, source, info):
+    """One plain line for weights the checkpoint lacks (a reward model's new score head, which
+    training learns) or holds unused, in place of transformers' load report."""
+    name = type(model).__name__
+    if info["missing_keys"]:
+        print0(f"{name}: {', '.join(sorted(info['missing_keys']))} not in {source}: initialised at random "
+               f"(expected for a new score head, which training learns)")
+    if info["unexpected_keys"]:
+        print0(f"{name}: {', '.join(sorted(info['unexpected_keys']))} in {source} not used by this architecture")
+
+
+def quiet_deprecations():
+    """Hide deprecation warnings raised inside the calls selfrm makes, which a user can do
+    nothing about: peft's get_peft_model reads transformers 5's deprecated
+    `is_gradient_checkpointing`. Every script loads a tokenizer before any model."""
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+
+
+@contextlib.contextmanager
+def _without_load_report():
+    """Drop the load report transformers logs as a warning: selfrm says it in one line."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    drop = lambda record: "LOAD REPORT" not in record.getMessage()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def model_type_of(source):
@@ -171,6 +234,24 @@ def resolve_model_type(cfg):
     return cfg.model_type
 
 
+def resolve_max_length(cfg):
+    """label.py/evaluate.py: --max_length=0 means the length the model was trained at (from
+    the settings.json saved with it), else 512. Says which."""
+    if cfg.max_length:
+        return cfg.max_length
+    path = os.path.join(cfg.model, "settings.json")
+    trained = read_settings_json(path).get("max_length") if os.path.isfile(path) else None
+    cfg.max_length = trained or 512
+    where = f"the length {cfg.model} was trained at" if trained else f"the default: {cfg.model} records no training length"
+    print0(f"--max_length={cfg.max_length} ({where}; pass --max_length to change it)")
+    return cfg.max_length
+
+
+def read_settings_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
 def check_outputs(outputs, inputs):
     """Output files (setting -> path; empty = none) may not be folders, nor overwrite an input."""
     sources = {os.path.realpath(p) for p in inputs if p}
@@ -185,40 +266,50 @@ def check_outputs(outputs, inputs):
 
 def load_model(cfg, source=None, tokenizer=None, meta=False):
     """The model of kind cfg.model_type from `source` (default cfg.model), fp32 weights on the
-    CPU, as a PreferenceModel or RewardModel. A folder holding a LoRA adapter saved by
-    selfrm is loaded on top of its base model. meta=True builds the architecture on the
-    meta device, with no weights (an FSDP rank that receives its shards from rank 0)."""
+    CPU whatever dtype the checkpoint's config names, as a PreferenceModel or RewardModel. A
+    folder holding a LoRA adapter saved by selfrm is loaded on top of its base model.
+    meta=True builds the same modules (adapters included) on the meta device, with no weights:
+    an FSDP rank that receives its shards from rank 0. Its dtype must be rank 0's: a
+    `"dtype": "bfloat16"` config would otherwise give it bf16 master weights."""
     source = source or cfg.model
     tokenizer = tokenizer or load_tokenizer(cfg, source)
     auto = AutoModelForCausalLM if cfg.model_type == "pm" else AutoModelForSequenceClassification
     extra = {"num_labels": 1} if cfg.model_type == "rm" else {}
-    adapter = os.path.isdir(source) and os.path.exists(os.path.join(source, "adapter_config.json"))
-    if meta:
-        with torch.device("meta"):
-            if source == "toy":
-                hf = toy.build_model(cfg.model_type, tokenizer)
-            else:
-                check_source(source)
-                config = AutoConfig.from_pretrained(source, gguf_file=cfg.gguf_file or None,
-                                                    trust_remote_code=cfg.trust_remote_code, **extra)
-                hf = auto.from_config(config, trust_remote_code=cfg.trust_remote_code)
-    elif source == "toy":
+    adapter = adapter_config(source)
+    base = adapter["base_model_name_or_path"] if adapter else source
+    if source == "toy":
         torch.manual_seed(cfg.seed)
-        hf = toy.build_model(cfg.model_type, tokenizer)
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            hf = toy.build_model(cfg.model_type, tokenizer)
+    elif meta:
+        check_source(base)
+        config = AutoConfig.from_pretrained(base, gguf_file=cfg.gguf_file or None,
+                                            trust_remote_code=cfg.trust_remote_code, **extra)
+        with torch.device("meta"):
+            hf = auto.from_config(config, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
     else:
-        base = source
-        if adapter:
-            with open(os.path.join(source, "adapter_config.json")) as f:
-                base = json.load(f)["base_model_name_or_path"]
         hf = from_pretrained(auto, base, gguf_file=cfg.gguf_file or None, dtype=torch.float32,
                              trust_remote_code=cfg.trust_remote_code, **extra)
         if cfg.gguf_file:
             hf = plain_copy(hf)
     hf.config.pad_token_id = tokenizer.pad_token_id
     hf.config.use_cache = False  # training and scoring never decode
-    if adapter:
+    if adapter and meta:  # the adapter's modules, empty: rank 0 sends their weights
+        config = PeftConfig.from_pretrained(source)
+        config.inference_mode = False  # trainable, as is_trainable=True makes them below
+        hf = get_peft_model(hf, config)
+    elif adapter:
         hf = PeftModel.from_pretrained(hf, source, is_trainable=True)
     return (PreferenceModel if cfg.model_type == "pm" else RewardModel)(hf), tokenizer
+
+
+def adapter_config(source):
+    """The adapter_config.json of a LoRA adapter folder (a dict), or None."""
+    path = os.path.join(source, "adapter_config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def plain_copy(hf):
@@ -285,9 +376,10 @@ def has_adapters(model):
     return hasattr(model.adapted, "peft_config")
 
 
-def save_model(model, tokenizer, path, settings, adapter_only=False):
+def save_model(model, tokenizer, path, settings, adapter_only=False, summary=None):
     """Write `path` whole or not at all: the HF model (LoRA merged unless adapter_only), the
-    tokenizer and settings.json. Merging replaces the adapters inside `model` by the merged
+    tokenizer, settings.json and the training summary (summary.json: a rerun that finds the
+    model reports the same loss and cut counts). Merging replaces the adapters inside `model` by the merged
     weights, so `model` stays usable (for scoring) after the save."""
     model = inner(model)
     hf = model.adapted
@@ -302,3 +394,6 @@ def save_model(model, tokenizer, path, settings, adapter_only=False):
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "settings.json"), "w") as f:
             json.dump(settings, f, indent=2)
+        if summary is not None:
+            with open(os.path.join(tmp, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)

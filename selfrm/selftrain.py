@@ -5,6 +5,7 @@ Layout of --out_dir: a plain training run keeps its model in `model/`; a self-tr
 has one folder per round, `round_K/`, each holding `model/` (when that round trained), the
 labeled pool `pool.jsonl` and its `pool.summary.json`. `manifest.json` names the final model.
 """
+import gc
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ from selfrm.metrics import accuracy
 from selfrm.modeling import add_lora, has_adapters, load_model, load_tokenizer, store_frozen
 from selfrm.scoring import score_encoded, sigmoid
 from selfrm.settings import SettingsError
+from selfrm.fsdp import shard_from_rank0
 from selfrm.trainer import autocast_dtype, global_batches, micro_batches, train
 
 # settings that do not change what a run computes: a resumed run may differ in these
@@ -88,26 +90,50 @@ def _claim(cfg, inputs):
 
 
 def train_run(cfg, world, pairs, run_dir, source, round_index=0, name=None):
-    """Train a model from `source` on `pairs`; save it to run_dir/model. If that model exists
-    already (a finished run), load it instead. `name` labels the logs (default: the round).
-    Returns (model, tokenizer, summary)."""
+    """Train a model from `source` on `pairs` and save it to run_dir/model, unless a finished
+    run saved it already. `name` labels the logs (default: the round). Returns (model,
+    tokenizer, summary) with the model loaded back from its folder (scoring_model): what a
+    resumed run loads, so that labeling and evaluation do not depend on whether the run was
+    interrupted. (The model in memory can score differently: bf16 frozen weights under
+    unmerged adapters, FSDP's bf16 compute, DDP ranks that did not merge the adapters.)"""
     name = name or f"round {round_index}"
     model_dir = os.path.join(run_dir, "model")
-    if os.path.exists(os.path.join(model_dir, "settings.json")):
-        model, tokenizer = load_model(cfg, model_dir)
-        return model, tokenizer, {"pairs": len(pairs), "resumed": "finished"}
-    torch.manual_seed(cfg.seed + round_index)  # dropout, and the init of a toy model
-    # under FSDP only rank 0 reads the weights; the others receive their shards from it
-    model, tokenizer = load_model(cfg, source, meta=cfg.fsdp and world.ddp and not world.master)
-    if cfg.lora and not has_adapters(model):  # a saved adapter (--init_from=previous) trains on as it is
-        add_lora(model, cfg)
-    if cfg.weights_dtype == "bf16":
-        store_frozen(model, torch.bfloat16)
-    examples, encoder = encode_training(cfg, tokenizer, pairs, round_index, name)
-    summary = train(cfg, model, tokenizer, examples, run_dir, world, settings.to_dict(cfg), encoder.label_ids,
-                    desc=name)
-    summary.update(truncated=encoder.truncated, dropped=encoder.dropped)
+    if os.path.exists(os.path.join(model_dir, "settings.json")):  # finished before: its summary was saved with it
+        summary_file = os.path.join(model_dir, "summary.json")
+        summary = read_json(summary_file) if os.path.exists(summary_file) else {"pairs": len(pairs)}
+    else:
+        torch.manual_seed(cfg.seed + round_index)  # dropout, and the init of a toy model
+        # under FSDP only rank 0 reads the weights; the others receive their shards from it
+        model, tokenizer = load_model(cfg, source, meta=cfg.fsdp and world.ddp and not world.master)
+        if cfg.lora and not has_adapters(model):  # a saved adapter (--init_from=previous) trains on as it is
+            add_lora(model, cfg)
+        if cfg.weights_dtype == "bf16":
+            store_frozen(model, torch.bfloat16)
+        examples, encoder = encode_training(cfg, tokenizer, pairs, round_index, name)
+        summary = train(cfg, model, tokenizer, examples, run_dir, world, settings.to_dict(cfg), encoder.label_ids,
+                        desc=name, counts={"truncated": encoder.truncated, "dropped": encoder.dropped})
+        del model
+        release_memory()
+    model, tokenizer = scoring_model(cfg, world, model_dir)
     return model, tokenizer, summary
+
+
+def scoring_model(cfg, world, source, tokenizer=None):
+    """A saved model, on every rank, to score with. Under --fsdp rank 0 alone reads it and each
+    rank scores with its shards (one copy in a node's host memory, not one per rank)."""
+    fsdp = cfg.fsdp and world.ddp
+    model, tokenizer = load_model(cfg, source, tokenizer, meta=fsdp and not world.master)
+    if fsdp:
+        shard_from_rank0(model, world.device, world, autocast_dtype(cfg, world.device))
+    return model, tokenizer
+
+
+def release_memory():
+    """Free the trained model's memory before the next one loads (FSDP's and peft's hooks make
+    reference cycles that only the collector breaks)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def encode_training(cfg, tokenizer, pairs, round_index=0, name="round 0"):
@@ -373,12 +399,12 @@ def run_self_training(cfg, world, labeled, pool, eval_pairs=None, inputs=None):
     if not rounds:  # ------------------------------------------------ round 0: the seed model
         start = time.time()
         if cfg.skip_initial_training:
-            model, tokenizer = load_model(cfg)
+            model, tokenizer = scoring_model(cfg, world, cfg.model)
             record = {"round": 0, "train_size": 0, "pseudo_labeled": 0, "pseudo_labeled_share": 0.0}
         else:
             model, tokenizer, summary = train_run(cfg, world, labeled, round_dir(cfg, 0), cfg.model, 0)
             record = {"round": 0, "train_size": len(labeled), "pseudo_labeled": 0, "pseudo_labeled_share": 0.0,
-                      "model": "round_0/model", "train_loss": summary.get("train_loss")}
+                      "model": "round_0/model", "init_model": cfg.model, "train_loss": summary.get("train_loss")}
             if "truncated" in summary:
                 sequences["train_file"] = {"pairs": len(labeled), "truncated": summary["truncated"],
                                            "dropped": summary["dropped"]}
@@ -399,7 +425,7 @@ def run_self_training(cfg, world, labeled, pool, eval_pairs=None, inputs=None):
             rows, summary = read_jsonl(pool_file), read_json(summary_path(pool_file))
         else:  # (a kill between the two renames leaves one of them: the round labels again)
             if model is None:
-                model = load_model(cfg, last_model(cfg, rounds), tokenizer)[0]
+                model = scoring_model(cfg, world, last_model(cfg, rounds), tokenizer)[0]
             rows, summary = relabel(cfg, world, model, tokenizer, [pool[i] for i in remaining],
                                     ([pool_ids[i] for i in remaining], label_ids))
             for row, i in zip(rows, remaining):
@@ -423,11 +449,19 @@ def run_self_training(cfg, world, labeled, pool, eval_pairs=None, inputs=None):
                       pseudo_labeled_share=len(pseudo) / max(1, len(train_pairs)),
                       pseudo_label_accuracy=float(np.mean(golds)) if golds else None)
         source = cfg.model if cfg.init_from == "base" else last_model(cfg, rounds)
+        model = None  # the scorer's memory is free before the next model loads
+        release_memory()
         model, tokenizer, summary = train_run(cfg, world, train_pairs, round_dir(cfg, t), source, t)
-        record.update(model=f"round_{t}/model", train_loss=summary.get("train_loss"),
+        record.update(model=f"round_{t}/model", init_model=source_name(cfg, source), train_loss=summary.get("train_loss"),
                       truncated=summary.get("truncated"), dropped=summary.get("dropped"))
         finish_round(cfg, world, manifest, record, model, tokenizer, evaluation, start)
     return rounds
+
+
+def source_name(cfg, source):
+    """How the manifest names the model a round's training started from: --model as given,
+    or a folder of this run relative to out_dir (round_1/model)."""
+    return cfg.model if source == cfg.model else os.path.relpath(source, cfg.out_dir)
 
 
 def round_dir(cfg, t):
@@ -468,7 +502,7 @@ def finish_round(cfg, world, manifest, record, model, tokenizer, evaluation, sta
     manifest["final_model"] = os.path.relpath(last_model(cfg, rounds), cfg.out_dir)
     if world.master:
         write_json(os.path.join(cfg.out_dir, "manifest.json"), {"final_model": manifest["final_model"], **manifest})
-    summary = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
+    summary = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {'n/a' if v is None else v}" for k, v in record.items()
                         if k in ("train_size", "kept", "status", "pseudo_label_accuracy", "eval_accuracy"))
     dist.print0(f"round {record['round']} done in {record['seconds']:.0f}s: {summary}")
 

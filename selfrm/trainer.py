@@ -47,6 +47,12 @@ def micro_batches(global_batch, cfg, world):
     return [mine[i:i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
 
 
+def most_micro_batches(global_batch, cfg, world):
+    """The most micro-batches any rank gets of this global batch: rank 0's, the strided
+    split giving it the largest share."""
+    return math.ceil(math.ceil(len(global_batch) / world.world_size) / cfg.micro_batch_size)
+
+
 def lr_at(step, total_steps, cfg):
     """Linear warm-up to cfg.lr, then cosine or linear decay to 0 (or constant)."""
     warmup = min(cfg.warmup_steps, total_steps)
@@ -92,18 +98,26 @@ def pair_losses(model, batch, margin=0.0, center=0.0):
     return losses, chosen_rewards > rejected_rewards
 
 
-def backward_global_batch(model, micro, n_global, collate, world, autocast, scaler, margin=0.0, center=0.0):
+def backward_global_batch(model, micro, n_global, collate, world, autocast, scaler, margin=0.0, center=0.0,
+                          micro_steps=0):
     """Forward and backward this rank's micro-batches (lists of examples) of one global batch
     of n_global pairs; gradients end up as the mean over the global batch. Returns this
-    rank's (loss sum, correct count) as a device tensor: no host sync here."""
+    rank's (loss sum, correct count) as a device tensor: no host sync here.
+
+    micro_steps: run at least this many forward/backward passes. Under FSDP each one gathers
+    weights from every rank, so a rank with fewer micro-batches than another (9 pairs on 2
+    ranks) repeats its first one with weight 0: it takes part and adds nothing."""
+    weights = [1.0] * len(micro) + [0.0] * max(0, micro_steps - len(micro))
     stats = torch.zeros(2, device=world.device)
-    for k, examples in enumerate(micro):
+    for k, weight in enumerate(weights):
+        examples = micro[k] if weight else micro[0]
         batch = {key: v.to(world.device, non_blocking=True) for key, v in collate(examples).items()}
-        with gradient_sync(model, last=k == len(micro) - 1):
+        with gradient_sync(model, last=k == len(weights) - 1):
             with autocast:
                 losses, correct = pair_losses(model, batch, margin, center)
-            scaler.scale(losses.sum() * world.world_size / n_global).backward()
-        stats += torch.stack([losses.detach().sum(), correct.sum().float()])
+            scaler.scale(losses.sum() * (weight * world.world_size / n_global)).backward()
+        if weight:
+            stats += torch.stack([losses.detach().sum(), correct.sum().float()])
     return stats
 
 
@@ -145,11 +159,13 @@ def save_checkpoint(path, raw_model, optimizer, scaler, step, world, window):
         # every rank writes its shards into a hidden folder; rank 0 renames it into place, then
         # state.pt (one rename) points at it, then the older one goes: one is complete at every moment
         name = f"shards-{step:08d}"
-        hidden = os.path.join(path, f".{name}{TMP_SUFFIX}")
+        hidden, target = os.path.join(path, f".{name}{TMP_SUFFIX}"), os.path.join(path, name)
         save_sharded(hidden, raw_model, optimizer)
         dist.barrier()
         if world.master:
-            os.replace(hidden, os.path.join(path, name))
+            if os.path.exists(target):  # left by a kill between this rename and state.pt's: state.pt never named it
+                shutil.rmtree(target)
+            os.replace(hidden, target)
             state["shards"] = name
     elif world.master:
         state["model"] = {n: p.detach().cpu() for n, p in raw_model.named_parameters() if p.requires_grad}
@@ -186,9 +202,10 @@ def load_checkpoint(path, raw_model, optimizer, scaler, world):
 
 # ----------------------------------------------------------------------------- the loop
 
-def train(cfg, model, tokenizer, examples, run_dir, world, settings, label_ids=None, desc="train"):
+def train(cfg, model, tokenizer, examples, run_dir, world, settings, label_ids=None, desc="train", counts=None):
     """Train `model` (a PreferenceModel or RewardModel) on encoded `examples`; save the final
-    model to run_dir/model and return a summary. Resumes from run_dir/checkpoint when there."""
+    model to run_dir/model and return a summary (`counts`, the encoder's truncated/dropped,
+    join it), which is also saved in the model folder. Resumes from run_dir/checkpoint."""
     device = world.device
     fsdp = cfg.fsdp and world.ddp
     raw_model = model if fsdp else model.to(device)
@@ -196,15 +213,15 @@ def train(cfg, model, tokenizer, examples, run_dir, world, settings, label_ids=N
     raw_model.train()
     if cfg.gradient_checkpointing:
         raw_model.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    amp_dtype = autocast_dtype(cfg, device)
     if fsdp:  # in place: raw_model is the sharded model too
-        model = shard_from_rank0(raw_model, device, world)
+        model = shard_from_rank0(raw_model, device, world, amp_dtype)
     elif world.ddp:
         model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
     else:
         model = raw_model
     params = [p for p in raw_model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg, device)
-    amp_dtype = autocast_dtype(cfg, device)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     collate = make_collate(cfg.model_type, tokenizer, label_ids)
@@ -240,9 +257,10 @@ def train(cfg, model, tokenizer, examples, run_dir, world, settings, label_ids=N
         if epoch != batches_epoch:
             batches, batches_epoch = global_batches(lengths, cfg, world, epoch), epoch
         global_batch = batches[index]
-        window["sums"] += backward_global_batch(model, [[examples[i] for i in idx] for idx in micro_batches(global_batch, cfg, world)],
-                                        len(global_batch), collate, world, autocast, scaler, cfg.margin,
-                                        cfg.center_rewards_coefficient)
+        micro = [[examples[i] for i in idx] for idx in micro_batches(global_batch, cfg, world)]
+        window["sums"] += backward_global_batch(model, micro, len(global_batch), collate, world, autocast, scaler,
+                                                cfg.margin, cfg.center_rewards_coefficient,
+                                                most_micro_batches(global_batch, cfg, world) if fsdp else 0)
         lr = lr_at(step, total_steps, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -281,13 +299,14 @@ def train(cfg, model, tokenizer, examples, run_dir, world, settings, label_ids=N
         to_save = rebuilt(raw_model, full) if world.master else None
     elif world.master and cfg.weights_dtype != "fp32" and not cfg.save_adapter_only:  # merge in fp32
         to_save = rebuilt(raw_model, {k: v.detach().to("cpu", torch.float32) for k, v in raw_model.state_dict().items()})
+    last = log_rows[-1] if log_rows else {}
+    summary = {"steps": total_steps, "pairs": len(examples), "train_loss": last.get("loss"),
+               "train_accuracy": last.get("accuracy"), **(counts or {})}
     if world.master:
-        save_model(to_save, tokenizer, os.path.join(run_dir, "model"), settings, cfg.save_adapter_only)
+        save_model(to_save, tokenizer, os.path.join(run_dir, "model"), settings, cfg.save_adapter_only, summary)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     dist.barrier()
-    last = log_rows[-1] if log_rows else {}
-    return {"steps": total_steps, "pairs": len(examples), "train_loss": last.get("loss"),
-            "train_accuracy": last.get("accuracy")}
+    return summary
 
 
 def _read_log(path, step):
