@@ -5,6 +5,7 @@ LOCAL_RANK and WORLD_SIZE set. NCCL on CUDA, gloo on the CPU.
 """
 import datetime
 import os
+import signal
 import sys
 from dataclasses import dataclass
 
@@ -110,3 +111,49 @@ def gather_shards(local, world):
     for rank, part in enumerate(parts):
         merged[rank::world.world_size] = part
     return merged
+
+
+# ----------------------------------------------------------------------------- preemption
+# Slurm and Kubernetes send SIGTERM before they kill a job (Slurm can send SIGUSR1 earlier,
+# with --signal); torchrun forwards SIGTERM to every rank and kills them --shutdown-timeout
+# seconds later (30 by default). Once the scripts call catch_preemption, either signal is
+# recorded instead of killing: training checkpoints at the end of its current optimizer
+# step and stops; scoring stops before its next batch (its output is written only at the
+# end, so nothing partial is left, and a rerun scores again).
+
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_received = []  # the signal numbers received, oldest first
+
+
+class Preempted(Exception):
+    """A run stopped by a preemption signal; the scripts print the message as one line and
+    exit with 128 + the signal's number (143 for SIGTERM), as if the signal had killed them."""
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.signum = signum
+
+
+def catch_preemption():
+    for signum in PREEMPTION_SIGNALS:
+        signal.signal(signum, lambda signum, frame: _received.append(signum))
+
+
+def preemption_signal(world):
+    """The signal all ranks stop for at this step, or None. Under torchrun the ranks agree (a
+    collective: one rank's signal can arrive a step before another's), so every rank
+    checkpoints the same step."""
+    signum = _received[0] if _received else 0
+    if world.ddp:
+        flag = torch.tensor([signum], device=world.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        signum = int(flag.item())
+    return signum or None
+
+
+def stop_if_preempted(what):
+    """Raise Preempted when a signal came (work that a rerun does again: nothing is saved)."""
+    if _received:
+        name = signal.Signals(_received[0]).name
+        raise Preempted(f"stopped by {name} while {what}; no partial output was written: rerun the same "
+                        f"command to continue", _received[0])

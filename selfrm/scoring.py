@@ -37,24 +37,25 @@ def score_encoded(model, encoded, pad_id, label_ids, world, batch_size=32, amp_d
     idle_forwards = dist.all_reduce_max(batches, world) - batches if is_sharded(model) else 0
     results = {}
     bar = tqdm(total=len(shard), desc=desc, unit="pair", disable=not world.master, leave=False, dynamic_ncols=True)
-    start = time.time()
-    for b in range(0, len(order), batch_size):
-        idx = order[b:b + batch_size]
-        seqs = [s for i in idx for s in encoded[i]]  # pair i -> rows 2k (first order / a) and 2k+1
-        input_ids, attention_mask = (t.to(device, non_blocking=True) for t in pad_right(seqs, pad_id))
-        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else torch.autocast(device.type, enabled=False):
-            if token_ids is not None:
-                logits = model(input_ids, attention_mask, attention_mask.sum(1) - 1, token_ids=token_ids)
-                probs = logits.float().softmax(-1)  # (2B, 2): p_A, p_B
-                values = torch.stack([(probs[0::2, 0] + probs[1::2, 1]) / 2], 1)
-            else:
-                rewards = model(input_ids, attention_mask).float()
-                values = torch.stack([torch.sigmoid(rewards[0::2] - rewards[1::2]), rewards[0::2], rewards[1::2]], 1)
-        for i, v in zip(idx, values.cpu().tolist()):
-            results[i] = v
-        bar.update(len(idx))
-        bar.set_postfix(pairs_per_s=f"{(b + len(idx)) / (time.time() - start):.1f}")
-    bar.close()
+    with bar:  # closed also when a preemption signal stops the loop
+        start = time.time()
+        for b in range(0, len(order), batch_size):
+            dist.stop_if_preempted(f"scoring ({desc})")
+            idx = order[b:b + batch_size]
+            seqs = [s for i in idx for s in encoded[i]]  # pair i -> rows 2k (first order / a) and 2k+1
+            input_ids, attention_mask = (t.to(device, non_blocking=True) for t in pad_right(seqs, pad_id))
+            with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else torch.autocast(device.type, enabled=False):
+                if token_ids is not None:
+                    logits = model(input_ids, attention_mask, attention_mask.sum(1) - 1, token_ids=token_ids)
+                    probs = logits.float().softmax(-1)  # (2B, 2): p_A, p_B
+                    values = torch.stack([(probs[0::2, 0] + probs[1::2, 1]) / 2], 1)
+                else:
+                    rewards = model(input_ids, attention_mask).float()
+                    values = torch.stack([torch.sigmoid(rewards[0::2] - rewards[1::2]), rewards[0::2], rewards[1::2]], 1)
+            for i, v in zip(idx, values.cpu().tolist()):
+                results[i] = v
+            bar.update(len(idx))
+            bar.set_postfix(pairs_per_s=f"{(b + len(idx)) / (time.time() - start):.1f}")
     idle = torch.full((2, 1), pad_id, dtype=torch.long, device=device)
     for _ in range(idle_forwards):
         if token_ids is not None:

@@ -3,11 +3,13 @@
 Every script takes `--key value` or `--key=value` flags, a bare `--flag` for a boolean
 (`--no_flag` or `--flag=false` to turn it off), and `--config=FILE.json` (a JSON object of
 the same keys; flags given after it on the command line win). An unknown key, a value of the
-wrong type or one outside its choices is an error that names the key. The comment after each
-field is its documentation: `python train.py --help` prints it.
+wrong type or one outside its choices is an error that names the key (and the closest
+setting, for a misspelling). The comment after each field is its documentation: `python
+train.py --help` prints it, in the groups of GROUPS.
 """
 import argparse
 import dataclasses
+import difflib
 import inspect
 import json
 import math
@@ -27,13 +29,18 @@ class SettingsError(InputError):
 
 def cli(main, parse):
     """Run a script: a bad setting or input is one line on stderr and exit code 2; a collective
-    that timed out under torchrun is one line and exit code 1. Nothing else is caught."""
-    from selfrm.dist import timed_out
+    that timed out under torchrun is one line and exit code 1; SIGTERM or SIGUSR1 (preemption,
+    see dist.py) is one line and exit code 128 + the signal. Nothing else is caught."""
+    from selfrm.dist import Preempted, catch_preemption, timed_out
+    catch_preemption()
     try:
         main(parse())
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as e:  # SIGTERM/SIGUSR1: what could be saved was; the line says how to go on
+        print(f"preempted: {e}", file=sys.stderr)
+        sys.exit(128 + e.signum)
     except Exception as e:
         if not timed_out(e):
             raise
@@ -48,11 +55,11 @@ def cli(main, parse):
 class ModelSettings:
     model: str = "toy"  # local folder, hub id, or 'toy' (the built-in tiny model and task)
     model_type: str = "pm"  # pm: pairwise preference LM (SSRM); rm: scalar reward model (SER)
-    gguf_file: str = ""  # GGUF file name inside --model, as transformers' from_pretrained takes it
+    gguf_file: str = ""  # the .gguf file to load from --model, a folder (or hub repo) of GGUF weights; needs gguf
     trust_remote_code: bool = False  # run code shipped with a hub model; off unless asked for
     format: str = "auto"  # data format: auto|jsonl|hh|sharegpt|stack_exchange|implicit_prompt (.parquet files too)
     bad_rows: str = "error"  # error: a bad row stops the run | skip: report each bad row (file:line: field), go on
-    max_length: int = 512  # tokens per sequence; longer pairs are cut (content only, oldest context first; see --overlong)
+    max_length: int = 512  # tokens per sequence; a longer pair has its content cut, never its template
     dtype: str = "auto"  # bf16|fp16|fp32 autocast; auto = bf16 on a CUDA GPU that has it, else fp32
     seed: int = 0  # one seed for data order, A/B placement, splits and initialisation
     dist_timeout_s: int = 1800  # under torchrun: seconds a collective waits for a rank that stopped answering
@@ -61,15 +68,15 @@ class ModelSettings:
 @dataclass
 class FilterSettings:
     filter: str = "confidence"  # confidence (SSRM) | status (SER learning status) | none
-    threshold: float = 0.8  # confidence filter: keep a pair when max(P, 1-P) >= threshold
-    tau_high: float = 0.55  # status 1: one response scores above this...
-    tau_low: float = 0.45  # ...and the other below this
-    tau_delta: float = 0.3  # status 2: |p(a1) - p(a2)| above this
-    status_min_count: int = 600  # a status is met when at least this many pairs qualify
+    threshold: float = 0.8  # confidence filter: keep a pair when max(P, 1-P) >= threshold, P = P(a1 > a2)
+    tau_high: float = 0.55  # status 1 (rm): one response's p = sigmoid(reward), in [0, 1], is above this...
+    tau_low: float = 0.45  # ...and the other's p = sigmoid(reward) is below this
+    tau_delta: float = 0.3  # status 2: |p(a1) - p(a2)| above this, p = sigmoid(reward)
+    status_min_count: int = 600  # a status is met when at least this many pairs of the pool qualify (a pair count)
     status_min_fraction: float = 0.0  # ...or this share of the pool, whichever is larger
     status_mode: str = "sequential"  # sequential (the paper: status 1, else 2) | union (released code)
     label_source: str = "argmax"  # argmax (the paper) | gold (the SSRM release's filter: keeps gold order; not semi-supervised)
-    batch_size: int = 32  # pairs per scoring batch (labeling and evaluation)
+    batch_size: int = 32  # pairs per batch when scoring (labeling the pool, evaluation); not used in training
     as_unlabeled: bool = False  # the unlabeled file is a labeled one: hide its labels (kept for reporting)
 
 
@@ -77,6 +84,7 @@ class FilterSettings:
 
 @dataclass
 class TrainSettings(ModelSettings, FilterSettings):
+    script: ClassVar[str] = "train.py"  # what --help and errors call it
     choices: ClassVar[dict] = {"model_type": ("pm", "rm")}  # training needs to know the kind
     train_file: str = ""  # labeled pairs; empty = the built-in toy task (with --model=toy)
     labeled_fraction: float = 0.0  # > 0: keep this share of --train_file labeled, the rest becomes the pool
@@ -103,9 +111,9 @@ class TrainSettings(ModelSettings, FilterSettings):
     center_rewards_coefficient: float = 0.0  # rm: adds c * mean((r_c + r_r)^2) to the loss (TRL's option; 0 = off)
     # LoRA
     lora: bool = False  # train LoRA adapters instead of all weights
-    lora_r: int = 8
-    lora_alpha: int = 32
-    lora_dropout: float = 0.1
+    lora_r: int = 8  # rank of each adapter: a weight W trains as W + (lora_alpha / lora_r) * B A, B A of this rank
+    lora_alpha: int = 32  # scale of the adapters: their update B A is multiplied by lora_alpha / lora_r
+    lora_dropout: float = 0.1  # dropout on what enters the adapters, in training
     lora_target_modules: str = ""  # comma-separated module names; empty = peft's default for the model
     save_adapter_only: bool = False  # save the LoRA adapter (+ score head) instead of the merged model
     weights_dtype: str = "fp32"  # frozen weights (the base under --lora): fp32 | bf16 (half their memory); trainable ones stay fp32
@@ -121,7 +129,9 @@ class TrainSettings(ModelSettings, FilterSettings):
 
 @dataclass
 class LabelSettings(ModelSettings, FilterSettings):
+    script: ClassVar[str] = "label.py"
     model_type: str = "auto"  # auto: from the model's settings.json or architecture; pm | rm overrides
+    max_length: int = 0  # tokens per sequence; 0 = the max_length the model was trained at (its settings.json), else 512
     unlabeled_file: str = ""  # input pool {prompt, response_a, response_b, ...}
     out_file: str = ""  # output JSONL; a summary goes to <out_file minus .jsonl>.summary.json
     emit: str = "rows"  # rows: every input row plus scores | pairs: kept rows as {prompt, chosen, rejected}
@@ -129,11 +139,13 @@ class LabelSettings(ModelSettings, FilterSettings):
 
 @dataclass
 class EvalSettings(ModelSettings):
+    script: ClassVar[str] = "evaluate.py"
     model_type: str = "auto"  # auto: from the model's settings.json or architecture; pm | rm overrides
+    max_length: int = 0  # tokens per sequence; 0 = the max_length the model was trained at (its settings.json), else 512
     eval_file: str = ""  # labeled pairs {prompt, chosen, rejected, [subset], [id]}
     out_file: str = ""  # metrics JSON (empty = print only)
     predictions_file: str = ""  # one row per pair: id, subset, prob_chosen, correct
-    batch_size: int = 32  # pairs per scoring batch
+    batch_size: int = 32  # pairs per batch when scoring
     limit: int = 0  # evaluate the first N pairs only (0 = all)
     plot: bool = True  # write <out_file>.png when matplotlib is installed
 
@@ -151,6 +163,26 @@ CHOICES = {
     "init_from": ("base", "previous"),
     "emit": ("rows", "pairs"),
     "overlong": ("truncate", "drop"),
+}
+
+# --help lists the settings in these groups, in the order a user needs them (a script shows
+# the groups it has); a setting in no group lands in a last group, "other"
+GROUPS = {
+    "model and data": ("model", "model_type", "gguf_file", "trust_remote_code", "dtype", "train_file",
+                       "labeled_fraction", "unlabeled_file", "as_unlabeled", "eval_file", "format", "bad_rows",
+                       "max_length", "overlong", "preview", "out_file", "predictions_file", "emit", "limit", "plot",
+                       "seed"),
+    "training": ("epochs", "max_steps", "lr", "schedule", "warmup_steps", "weight_decay", "grad_clip",
+                 "global_batch_size", "micro_batch_size", "group_by_length", "gradient_checkpointing", "margin",
+                 "center_rewards_coefficient"),
+    "LoRA": ("lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "save_adapter_only",
+             "weights_dtype"),
+    "self-training and filters": ("rounds", "init_from", "skip_initial_training", "filter", "threshold", "tau_high",
+                                  "tau_low", "tau_delta", "status_min_count", "status_min_fraction", "status_mode",
+                                  "label_source"),
+    "scoring": ("batch_size",),
+    "distributed (torchrun)": ("fsdp", "dist_timeout_s"),
+    "bookkeeping": ("out_dir", "resume", "overwrite", "log_every", "save_every"),
 }
 
 
@@ -204,7 +236,7 @@ class _Config(argparse.Action):
             raise SettingsError(f"--config={path}: expected a JSON object of settings")
         for key, value in loaded.items():
             if key not in parser.field_types:
-                raise SettingsError(f"--config={path}: unknown setting {key!r} for {parser.prog} (see --help)")
+                raise SettingsError(f"--config={path}: {unknown_setting(key, parser)}")
             setattr(namespace, key, _config_value(key, value, parser.field_types[key]))
 
 
@@ -217,39 +249,59 @@ def _comments(cls):
     return comments
 
 
-def build_parser(cls, defaults=None):
+def build_parser(cls, defaults=None, demo=None):
     """An argparse parser for the fields of `cls`: `--key value`, `--key=value`, a bare
-    `--flag` for a boolean (`--no_flag` or `--flag=false` turns it off), `--config=FILE.json`."""
+    `--flag` for a boolean (`--no_flag` or `--flag=false` turns it off), `--config=FILE.json`.
+    `demo` (train.py) holds the values of the built-in demo: the help names those that differ."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    parser = _Parser(prog=cls.__name__, allow_abbrev=False, argument_default=argparse.SUPPRESS,
+    parser = _Parser(prog=cls.script, allow_abbrev=False, argument_default=argparse.SUPPRESS,
                      usage="%(prog)s [--config=FILE.json] [--key value | --key=value | --flag | --no_flag] ...",
-                     description=f"settings ({cls.__name__}); --config=FILE.json reads a JSON object of them, "
-                                 "and flags after it win")
+                     description=f"The settings of {cls.script}. --config=FILE.json reads a JSON object of them; "
+                                 "flags after it win.",
+                     epilog="The demo (python train.py with no --train_file or --unlabeled_file) uses its own "
+                            "values where a setting says 'demo:'." if demo else None)
     parser.field_types = {k: f.type for k, f in fields.items()}
     parser.add_argument("--config", action=_Config, metavar="FILE.json",
                         help="a JSON object of settings, applied at its place among the flags")
     comments = _comments(cls)
-    for key, f in fields.items():
-        default = (defaults or {}).get(key, f.default)
-        text = f"{comments.get(key, '')} (default: {default!r})"
-        if f.type is bool:
-            parser.add_argument(f"--{key}", nargs="?", const=True, type=_flag_value(key, bool), help=text,
-                                metavar="true|false")
-            parser.add_argument(f"--no_{key}", dest=key, action="store_false", help=argparse.SUPPRESS)
-        else:
-            parser.add_argument(f"--{key}", type=_flag_value(key, f.type), help=text, metavar=f.type.__name__.upper())
+    grouped = [(title, [k for k in keys if k in fields]) for title, keys in GROUPS.items()]
+    grouped.append(("other", [k for k in fields if not any(k in keys for keys in GROUPS.values())]))
+    for title, keys in grouped:
+        group = parser.add_argument_group(title) if keys else None
+        for key in keys:
+            f = fields[key]
+            default = (defaults or {}).get(key, f.default)
+            shown = f"default: {default!r}"
+            if demo and key in demo and demo[key] != default:
+                shown += f"; demo: {demo[key]!r}"
+            text = f"{comments.get(key, '')} ({shown})"
+            if f.type is bool:
+                group.add_argument(f"--{key}", nargs="?", const=True, type=_flag_value(key, bool), help=text,
+                                   metavar="true|false")
+                group.add_argument(f"--no_{key}", dest=key, action="store_false", help=argparse.SUPPRESS)
+            else:
+                group.add_argument(f"--{key}", type=_flag_value(key, f.type), help=text,
+                                   metavar=f.type.__name__.upper())
     return parser
 
 
-def parse_args(cls, argv=None, defaults=None):
+def unknown_setting(key, parser):
+    """The error for a key `cls` does not have: the closest setting, when one is close."""
+    close = difflib.get_close_matches(key, list(parser.field_types), n=1)
+    hint = f": did you mean --{close[0]}?" if close else ""
+    return f"unknown setting {key!r} for {parser.prog}{hint} (see --help)"
+
+
+def parse_args(cls, argv=None, defaults=None, demo=None):
     """Build `cls` from command-line flags (see build_parser), checking every key, type and
-    choice. `defaults` replaces the dataclass defaults of some keys (the demo's settings)."""
+    choice. `defaults` replaces the dataclass defaults of some keys (the demo's settings);
+    `demo` only shows the demo's values in --help."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(cls, defaults)
+    parser = build_parser(cls, defaults, demo)
     namespace, unknown = parser.parse_known_args(argv)
     if unknown:
         key = unknown[0].lstrip("-").split("=", 1)[0]
-        raise SettingsError(f"unknown setting {key!r} for {cls.__name__} (see --help)" if unknown[0].startswith("--")
+        raise SettingsError(unknown_setting(key, parser) if unknown[0].startswith("--")
                             else f"unexpected argument {unknown[0]!r}: settings are --key value or --key=value")
     return make(cls, **{**(defaults or {}), **vars(namespace)})
 
@@ -298,6 +350,8 @@ def make(cls, **values):
         if hasattr(cfg, key) and getattr(cfg, key) not in allowed:
             raise SettingsError(f"--{key}={getattr(cfg, key)!r}: expected one of {', '.join(allowed)}")
     for key, (ok, what) in RANGES.items():
+        if key == "max_length" and cls in (LabelSettings, EvalSettings) and cfg.max_length == 0:
+            continue  # the model's own: resolved when the model is known (modeling.resolve_max_length)
         if hasattr(cfg, key) and not ok(getattr(cfg, key)):
             raise SettingsError(f"--{key}={getattr(cfg, key)!r}: must be {what}")
     if hasattr(cfg, "tau_low") and cfg.tau_low > cfg.tau_high:
@@ -309,6 +363,9 @@ def make(cls, **values):
         if cfg.fsdp:
             raise SettingsError(f"--weights_dtype={cfg.weights_dtype} is for DDP: under --fsdp each GPU holds only its "
                                 "shard of the frozen weights, and computes in bf16 on a GPU that has it")
+    if getattr(cfg, "fsdp", False) and cfg.dtype == "fp16":
+        raise SettingsError("--dtype=fp16 is not supported with --fsdp: its loss scaler would skip a step on one rank "
+                            "and not on another when only some shards overflow; use --dtype=bf16 (or fp32)")
     if getattr(cfg, "out_dir", None) == "":
         raise SettingsError("--out_dir is empty: name the run's folder")
     if getattr(cfg, "center_rewards_coefficient", 0) and cfg.model_type == "pm":

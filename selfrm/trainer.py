@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import time
 from contextlib import nullcontext
 
@@ -288,8 +289,13 @@ def train(cfg, model, tokenizer, examples, run_dir, world, settings, label_ids=N
                     f.write(json.dumps(row) + "\n")
             window = {"sums": torch.zeros(2, device=device), "pairs": 0, "tokens": 0}
             t_window = time.time()
-        if cfg.save_every > 0 and step % cfg.save_every == 0 and step < total_steps:
+        preempted = dist.preemption_signal(world) if step < total_steps else None
+        if preempted or (cfg.save_every > 0 and step % cfg.save_every == 0 and step < total_steps):
             save_checkpoint(ckpt_dir, raw_model, optimizer, scaler, step, world, window)
+        if preempted:
+            bar.close()
+            raise dist.Preempted(f"{desc}: stopped by {signal.Signals(preempted).name} after step {step}/{total_steps}; "
+                                 f"checkpoint written to {ckpt_dir}: rerun the same command to resume", preempted)
     bar.close()
 
     # -------------------------------------------------------------------------- save

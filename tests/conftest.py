@@ -110,3 +110,64 @@ def kill_at_step(monkeypatch, step):
         return real_lr_at(s, total, cfg)
     monkeypatch.setattr(trainer, "lr_at", killed)
     return lambda: monkeypatch.setattr(trainer, "lr_at", real_lr_at)
+
+
+# ----------------------------------------------------------------------------- checkpoints that look real
+# The real architectures' configs scaled down (2 layers, hidden 64) with every field that changes
+# behaviour kept, saved the way hub checkpoints are: bf16 weights and `"dtype": "bfloat16"`.
+
+def real_like_config(arch, vocab_size, model_type):
+    from transformers import Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, dtype="bfloat16")
+    if model_type == "rm":
+        common["num_labels"] = 1
+    if arch == "llama3":  # grouped-query attention, llama3 rope scaling, untied head
+        return LlamaConfig(**common, tie_word_embeddings=False,
+                           rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                           rope_theta=500000.0)
+    if arch == "gemma2":  # tied embeddings, soft-capping of logits and attention, embed_scale, sliding window
+        return Gemma2Config(**common, head_dim=16, tie_word_embeddings=True, final_logit_softcapping=30.0,
+                            attn_logit_softcapping=50.0, sliding_window=8, query_pre_attn_scalar=16)
+    if arch == "mistral":  # sliding window
+        return MistralConfig(**common, sliding_window=8, tie_word_embeddings=False)
+    if arch == "qwen2":  # bias on q/k/v, tied embeddings as in the small Qwen2 checkpoints
+        return Qwen2Config(**common, tie_word_embeddings=True)
+    raise ValueError(arch)
+
+
+def save_real_like(folder, arch, model_type, seed=0):
+    """A tiny `arch` checkpoint of kind pm (causal LM) or rm (sequence classifier), bf16 on disk,
+    with the toy task's chat tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    torch.manual_seed(seed)
+    tokenizer = toy.build_tokenizer(chat=True)
+    config = real_like_config(arch, len(tokenizer), model_type)
+    config.pad_token_id = tokenizer.pad_token_id
+    auto = AutoModelForCausalLM if model_type == "pm" else AutoModelForSequenceClassification
+    model = auto.from_config(config, dtype=torch.float32).to(torch.bfloat16)
+    model.config.dtype = torch.bfloat16
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def real_like(tmp_path_factory):
+    """real_like(arch, model_type) -> the folder of that checkpoint (made once per session)."""
+    made = {}
+
+    def get(arch, model_type):
+        if (arch, model_type) not in made:
+            made[arch, model_type] = save_real_like(tmp_path_factory.mktemp(f"{arch}-{model_type}"), arch, model_type)
+        return made[arch, model_type]
+    return get
+
+
+def free_port():
+    """A TCP port nobody listens on now (for torchrun's rendezvous)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
