@@ -19,6 +19,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def local_bytes(tensors):
     from torch.distributed.tensor import DTensor
     return sum((t.to_local() if isinstance(t, DTensor) else t).numel() * t.element_size() for t in tensors)
@@ -59,6 +66,7 @@ def worker(mode):
     if world.master:
         print(json.dumps(rows), flush=True)
     dist.compute_cleanup()
+    dist.leave(0)  # not the interpreter's teardown, where gloo's threads can hang or abort
 
 
 def main():
@@ -66,9 +74,10 @@ def main():
     results = []
     for mode in ("ddp", "fsdp", "ddp-lora", "ddp-lora-bf16", "fsdp-lora"):
         for ranks in (1, 2):
-            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_port=29591",
-                   __file__, f"--worker={mode}"]
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+            # a free port for each launch: a fixed one collides with any process still holding it
+            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
+                   f"--master_port={free_port()}", __file__, f"--worker={mode}"]
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, timeout=900).stdout
             results += json.loads(out.strip().splitlines()[-1])
     mb = lambda b: b / 2**20
     print(f"{'mode':13s} {'ranks':>5s} {'rank':>4s} {'params MB':>10s} {'grads MB':>9s} {'AdamW MB':>9s} {'total MB':>9s}")

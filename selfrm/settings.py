@@ -31,22 +31,23 @@ def cli(main, parse):
     """Run a script: a bad setting or input is one line on stderr and exit code 2; a collective
     that timed out under torchrun is one line and exit code 1; SIGTERM or SIGUSR1 (preemption,
     see dist.py) is one line and exit code 128 + the signal. Nothing else is caught."""
-    from selfrm.dist import Preempted, catch_preemption, timed_out
+    from selfrm.dist import Preempted, catch_preemption, leave, timed_out
     catch_preemption()
     try:
         main(parse())
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        leave(2)
     except Preempted as e:  # SIGTERM/SIGUSR1: what could be saved was; the line says how to go on
         print(f"preempted: {e}", file=sys.stderr)
-        sys.exit(128 + e.signum)
+        leave(128 + e.signum)
     except Exception as e:
         if not timed_out(e):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: a collective timed out: a rank stopped answering for --dist_timeout_s ({first})", file=sys.stderr)
-        sys.exit(1)
+        leave(1)
+    leave(0)
 
 
 # ----------------------------------------------------------------------------- shared groups
