@@ -439,3 +439,18 @@ def test_label_and_evaluate_stopped_by_sigterm_leave_no_output(tmp_path, pm_fold
     assert done.returncode == 143, done.stderr[-3000:]
     assert done.stderr.strip().splitlines()[-1].startswith("preempted: stopped by SIGTERM while scoring")
     assert os.listdir(out) == []
+
+
+# ----------------------------------------------------------------------------- exit codes (12)
+
+def test_finished_torchrun_runs_exit_0_every_time(tmp_path, pm_folder, loop_files):
+    """A 2-rank self-training run that finished exits 0 (it had aborted at teardown, SIGABRT,
+    about once in seven FSDP runs, so torchrun reported a finished run as failed). Three FSDP
+    runs and two DDP runs."""
+    lab, pool, ev = loop_files
+    args = [f"--model={pm_folder}", f"--train_file={lab}", f"--unlabeled_file={pool}", "--rounds=1",
+            "--threshold=0.5", "--global_batch_size=16", "--micro_batch_size=8", "--lr=2e-3", "--warmup_steps=1"]
+    for i, extra in enumerate([["--fsdp=true"]] * 3 + [[]] * 2):
+        done = run(args + extra + [f"--out_dir={tmp_path / str(i)}"], ranks=2, timeout=600)
+        assert done.returncode == 0, (i, done.stderr[-3000:])
+        assert json.load(open(tmp_path / str(i) / "manifest.json"))["final_model"] == "round_1/model"
