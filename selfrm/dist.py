@@ -166,9 +166,10 @@ def preemption_signal(world):
     return signum or None
 
 
-def stop_if_preempted(what):
-    """Raise Preempted when a signal came (work that a rerun does again: nothing is saved)."""
-    if _received:
-        name = signal.Signals(_received[0]).name
-        raise Preempted(f"stopped by {name} while {what}; no partial output was written: rerun the same "
-                        f"command to continue", _received[0])
+def stop_if_preempted(world, what):
+    """Raise Preempted when a signal came, on every rank at once (a collective under torchrun),
+    for work that a rerun does again: nothing is saved."""
+    signum = preemption_signal(world)
+    if signum:
+        raise Preempted(f"stopped by {signal.Signals(signum).name} while {what}; no partial output was written: "
+                        f"rerun the same command to continue", signum)

@@ -8,6 +8,7 @@ reward-model kinds as small `nn.Module`s that DDP wraps.
 """
 import contextlib
 import copy
+import functools
 import importlib.util
 import json
 import logging
@@ -161,9 +162,10 @@ def load_tokenizer(cfg, source=None):
     source = source or cfg.model
     if source == "toy":
         tokenizer = toy.build_tokenizer()
+    elif cfg.gguf_file:  # a copy: the caller may change it
+        tokenizer = copy.deepcopy(_gguf_tokenizer(source, cfg.gguf_file, cfg.trust_remote_code))
     else:
-        tokenizer = from_pretrained(AutoTokenizer, source, gguf_file=cfg.gguf_file or None,
-                                    trust_remote_code=cfg.trust_remote_code)
+        tokenizer = from_pretrained(AutoTokenizer, source, trust_remote_code=cfg.trust_remote_code)
     if tokenizer.pad_token is None:  # prefer a token that never ends a real text
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     if tokenizer.pad_token is None:
@@ -173,6 +175,13 @@ def load_tokenizer(cfg, source=None):
     tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
     quiet_deprecations()
     return tokenizer
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_tokenizer(source, gguf_file, trust_remote_code):
+    """Reading a tokenizer out of a GGUF file takes seconds (its whole vocabulary is parsed), and
+    a run needs it for the template check and every round: read once per process."""
+    return from_pretrained(AutoTokenizer, source, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
 
 
 def report_new_weights(model, source, info):
@@ -282,8 +291,8 @@ def load_model(cfg, source=None, tokenizer=None, meta=False):
         with torch.device("meta") if meta else contextlib.nullcontext():
             hf = toy.build_model(cfg.model_type, tokenizer)
     elif meta:
-        check_source(base)
-        config = AutoConfig.from_pretrained(base, gguf_file=cfg.gguf_file or None,
+        gguf_file = check_source(base, cfg.gguf_file or None)  # None for a saved folder, as rank 0 reads it
+        config = AutoConfig.from_pretrained(base, gguf_file=gguf_file,
                                             trust_remote_code=cfg.trust_remote_code, **extra)
         with torch.device("meta"):
             hf = auto.from_config(config, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)

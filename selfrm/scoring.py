@@ -33,14 +33,16 @@ def score_encoded(model, encoded, pad_id, label_ids, world, batch_size=32, amp_d
     token_ids = torch.tensor([label_ids["A"], label_ids["B"]], device=device) if label_ids else None
     # under FSDP each forward gathers weights from every rank, so every rank runs as many forwards:
     # agreed on here, before any (the agreement is a collective too)
+    # and every rank checks for preemption at the same iterations, so all stop together
     batches = math.ceil(len(order) / batch_size)
-    idle_forwards = dist.all_reduce_max(batches, world) - batches if is_sharded(model) else 0
+    iterations = dist.all_reduce_max(batches, world)
+    idle_forwards = iterations - batches if is_sharded(model) else 0
     results = {}
     bar = tqdm(total=len(shard), desc=desc, unit="pair", disable=not world.master, leave=False, dynamic_ncols=True)
     with bar:  # closed also when a preemption signal stops the loop
         start = time.time()
         for b in range(0, len(order), batch_size):
-            dist.stop_if_preempted(f"scoring ({desc})")
+            dist.stop_if_preempted(world, f"scoring ({desc})")
             idx = order[b:b + batch_size]
             seqs = [s for i in idx for s in encoded[i]]  # pair i -> rows 2k (first order / a) and 2k+1
             input_ids, attention_mask = (t.to(device, non_blocking=True) for t in pad_right(seqs, pad_id))
@@ -56,6 +58,8 @@ def score_encoded(model, encoded, pad_id, label_ids, world, batch_size=32, amp_d
                 results[i] = v
             bar.update(len(idx))
             bar.set_postfix(pairs_per_s=f"{(b + len(idx)) / (time.time() - start):.1f}")
+    for _ in range(iterations - batches):
+        dist.stop_if_preempted(world, f"scoring ({desc})")
     idle = torch.full((2, 1), pad_id, dtype=torch.long, device=device)
     for _ in range(idle_forwards):
         if token_ids is not None:

@@ -425,7 +425,7 @@ def run_self_training(cfg, world, labeled, pool, eval_pairs=None, inputs=None):
             rows, summary = read_jsonl(pool_file), read_json(summary_path(pool_file))
         else:  # (a kill between the two renames leaves one of them: the round labels again)
             if model is None:
-                model = scoring_model(cfg, world, last_model(cfg, rounds), tokenizer)[0]
+                model = scoring_model(cfg, world, last_model(cfg, rounds))[0]
             rows, summary = relabel(cfg, world, model, tokenizer, [pool[i] for i in remaining],
                                     ([pool_ids[i] for i in remaining], label_ids))
             for row, i in zip(rows, remaining):

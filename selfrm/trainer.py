@@ -113,7 +113,9 @@ def backward_global_batch(model, micro, n_global, collate, world, autocast, scal
     for k, weight in enumerate(weights):
         examples = micro[k] if weight else micro[0]
         batch = {key: v.to(world.device, non_blocking=True) for key, v in collate(examples).items()}
-        with gradient_sync(model, last=k == len(weights) - 1):
+        # a padding step draws its dropout masks from a copy of the RNG: later steps see what they would under DDP
+        rng = nullcontext() if weight else torch.random.fork_rng(devices=[world.device] if world.device.type == "cuda" else [])
+        with gradient_sync(model, last=k == len(weights) - 1), rng:
             with autocast:
                 losses, correct = pair_losses(model, batch, margin, center)
             scaler.scale(losses.sum() * (weight * world.world_size / n_global)).backward()
@@ -293,6 +295,7 @@ def train(cfg, model, tokenizer, examples, run_dir, world, settings, label_ids=N
         if preempted or (cfg.save_every > 0 and step % cfg.save_every == 0 and step < total_steps):
             save_checkpoint(ckpt_dir, raw_model, optimizer, scaler, step, world, window)
         if preempted:
+            dist.barrier()  # rank 0's state.pt is written before any rank exits (torchrun would kill it)
             bar.close()
             raise dist.Preempted(f"{desc}: stopped by {signal.Signals(preempted).name} after step {step}/{total_steps}; "
                                  f"checkpoint written to {ckpt_dir}: rerun the same command to resume", preempted)
