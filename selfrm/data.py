@@ -161,6 +161,8 @@ def _prompt(row, where):
 
 
 def pair_from_row(row, where):
+    if not row.keys() & KNOWN_KEYS:
+        raise DataError(f"{where}: its keys ({', '.join(sorted(row)) or 'none'}) fit no format; {formats_taken()}")
     prompt, chosen, rejected = _prompt(row, where), _text(row, "chosen", where), _text(row, "rejected", where)
     margin = row.get("margin", 0.0)
     if isinstance(margin, bool) or not isinstance(margin, (int, float)):
@@ -172,6 +174,15 @@ def pair_from_row(row, where):
 
 
 def unlabeled_from_row(row, where):
+    if "response_a" not in row and "response_b" not in row:
+        if "chosen" in row or "rejected" in row or detect_format(row) != "jsonl":
+            raise DataError(f"{where}: a labeled row (keys {', '.join(sorted(row))}) where a pool needs {{prompt, "
+                            f"response_a, response_b}}: pass --as_unlabeled=true to read a labeled file as a pool "
+                            f"(its labels hidden, kept for reporting)")
+        if not row.keys() & KNOWN_KEYS:
+            raise DataError(f"{where}: its keys ({', '.join(sorted(row)) or 'none'}) fit no pool: a pool row is "
+                            f"{{prompt, response_a, response_b}}, or with --as_unlabeled=true a labeled row; "
+                            f"{formats_taken()}")
     prompt, a, b = _prompt(row, where), _text(row, "response_a", where), _text(row, "response_b", where)
     gold = row.get("label")
     if gold is not None and gold not in ("a", "b"):
@@ -275,6 +286,22 @@ def from_implicit_prompt(row, where):
 
 READERS = {"jsonl": lambda row, where: row, "hh": from_hh, "sharegpt": from_sharegpt,
            "stack_exchange": from_stack_exchange, "implicit_prompt": from_implicit_prompt}
+
+
+# what each --format expects of a row, for the error of a row that fits none
+FORMAT_ROWS = {
+    "jsonl": "{prompt, chosen, rejected}",
+    "hh": "{chosen, rejected} as '\\n\\nHuman: ...\\n\\nAssistant: ...' transcripts",
+    "sharegpt": "{conversations: [{from, value}], chosen, rejected}",
+    "stack_exchange": "{question, response_j (preferred), response_k}",
+    "implicit_prompt": "{chosen, rejected} as lists of messages that share the prompt",
+}
+KNOWN_KEYS = {"prompt", "chosen", "rejected", "response_a", "response_b", "conversations", "question", "response_j",
+              "response_k"}
+
+
+def formats_taken():
+    return "--format takes " + "; ".join(f"{name} {row}" for name, row in FORMAT_ROWS.items())
 
 
 def detect_format(row):
