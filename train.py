@@ -81,8 +81,8 @@ def run(cfg, demo_data_dir, preview_to=None):
             rounds = rounds + [supervised_reference(cfg, world, load_pairs(files["full"]), eval_pairs)]
         dist.print0("\n" + format_table(rounds))
         if demo:
-            dist.print0("(full: the same model trained with every pool label; the other demo: "
-                        "python train.py --model_type=rm --filter=status)")
+            other = "python train.py" if cfg.filter == "status" else "python train.py --model_type=rm --filter=status"
+            dist.print0(f"(full: the same model trained with every pool label; the other demo: {other})")
         return rounds
     finally:
         # ------------------------------------------------------------ cleanup
@@ -144,7 +144,7 @@ def supervised_reference(cfg, world, pairs, eval_pairs):
 
 
 def settings_from_argv(argv=None):
-    cfg = parse_args(TrainSettings, argv)
+    cfg = parse_args(TrainSettings, argv, demo=toy.demo_defaults("<model_type>", "<filter>"))  # named in --help
     if cfg.model == "toy" and not cfg.train_file and not cfg.unlabeled_file:  # the demo: its own defaults
         cfg = parse_args(TrainSettings, argv, defaults=toy.demo_defaults(cfg.model_type, cfg.filter))
     return cfg
