@@ -38,7 +38,7 @@ def test_config_takes_its_place_among_the_flags(tmp_path):
 
 
 def test_bad_flags_name_the_key():
-    with pytest.raises(SettingsError, match="unknown setting 'learning_rate' for TrainSettings"):
+    with pytest.raises(SettingsError, match="unknown setting 'learning_rate' for train.py"):
         parse_args(TrainSettings, ["--learning_rate", "1"])
     with pytest.raises(SettingsError, match="--epochs: expected int, got 'two'"):
         parse_args(TrainSettings, ["--epochs", "two"])
