@@ -89,13 +89,14 @@ def _claim(cfg, inputs):
         write_json(settings_path, settings.to_dict(cfg))  # last: its presence marks a claimed folder
 
 
-def train_run(cfg, world, pairs, run_dir, source, round_index=0, name=None):
+def train_run(cfg, world, pairs, run_dir, source, round_index=0, name=None, score=True):
     """Train a model from `source` on `pairs` and save it to run_dir/model, unless a finished
     run saved it already. `name` labels the logs (default: the round). Returns (model,
     tokenizer, summary) with the model loaded back from its folder (scoring_model): what a
     resumed run loads, so that labeling and evaluation do not depend on whether the run was
     interrupted. (The model in memory can score differently: bf16 frozen weights under
-    unmerged adapters, FSDP's bf16 compute, DDP ranks that did not merge the adapters.)"""
+    unmerged adapters, FSDP's bf16 compute, DDP ranks that did not merge the adapters.)
+    score=False: nothing will be scored with it; the model returned is None."""
     name = name or f"round {round_index}"
     model_dir = os.path.join(run_dir, "model")
     if os.path.exists(os.path.join(model_dir, "settings.json")):  # finished before: its summary was saved with it
@@ -114,6 +115,8 @@ def train_run(cfg, world, pairs, run_dir, source, round_index=0, name=None):
                         desc=name, counts={"truncated": encoder.truncated, "dropped": encoder.dropped})
         del model
         release_memory()
+    if not score:
+        return None, load_tokenizer(cfg, model_dir), summary
     model, tokenizer = scoring_model(cfg, world, model_dir)
     return model, tokenizer, summary
 
@@ -240,7 +243,7 @@ def run_training(cfg, world, pairs, eval_pairs=None, inputs=None):
         return record
     inputs = inputs or {}
     start = time.time()
-    model, tokenizer, summary = train_run(cfg, world, pairs, cfg.out_dir, cfg.model)
+    model, tokenizer, summary = train_run(cfg, world, pairs, cfg.out_dir, cfg.model, score=bool(eval_pairs))
     record = {"round": 0, "train_size": len(pairs), "pseudo_labeled_share": 0.0, **summary}
     if "truncated" in summary:
         inputs.setdefault("sequences", {})["train_file"] = {k: summary[k] for k in ("truncated", "dropped")}
@@ -402,7 +405,8 @@ def run_self_training(cfg, world, labeled, pool, eval_pairs=None, inputs=None):
             model, tokenizer = scoring_model(cfg, world, cfg.model)
             record = {"round": 0, "train_size": 0, "pseudo_labeled": 0, "pseudo_labeled_share": 0.0}
         else:
-            model, tokenizer, summary = train_run(cfg, world, labeled, round_dir(cfg, 0), cfg.model, 0)
+            model, tokenizer, summary = train_run(cfg, world, labeled, round_dir(cfg, 0), cfg.model, 0,
+                                                  score=bool(evaluation) or cfg.rounds > 0)
             record = {"round": 0, "train_size": len(labeled), "pseudo_labeled": 0, "pseudo_labeled_share": 0.0,
                       "model": "round_0/model", "init_model": cfg.model, "train_loss": summary.get("train_loss")}
             if "truncated" in summary:
@@ -451,7 +455,8 @@ def run_self_training(cfg, world, labeled, pool, eval_pairs=None, inputs=None):
         source = cfg.model if cfg.init_from == "base" else last_model(cfg, rounds)
         model = None  # the scorer's memory is free before the next model loads
         release_memory()
-        model, tokenizer, summary = train_run(cfg, world, train_pairs, round_dir(cfg, t), source, t)
+        model, tokenizer, summary = train_run(cfg, world, train_pairs, round_dir(cfg, t), source, t,
+                                              score=bool(evaluation) or t < cfg.rounds)
         record.update(model=f"round_{t}/model", init_model=source_name(cfg, source), train_loss=summary.get("train_loss"),
                       truncated=summary.get("truncated"), dropped=summary.get("dropped"))
         finish_round(cfg, world, manifest, record, model, tokenizer, evaluation, start)

@@ -276,6 +276,56 @@ def test_a_resumed_self_training_run_ends_where_an_uninterrupted_one_does(tmp_pa
     assert_same_weights(weights(out / "round_2" / "model"), weights(tmp_path / "straight" / "round_2" / "model"))
 
 
+RECORDING_LOADS = """
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+from selfrm import selftrain
+import train
+
+real_load = selftrain.load_model
+
+def recording(cfg, source=None, tokenizer=None, meta=False):
+    with open(os.path.join(sys.argv[2], f"loads-{os.environ['RANK']}.jsonl"), "a") as f:
+        f.write(json.dumps({"source": source, "meta": meta}) + "\\n")
+    return real_load(cfg, source, tokenizer, meta)
+
+def killed(*args, **kwargs):  # a kill before round 1 labels its pool: round 0 finished
+    os._exit(9)
+
+selftrain.load_model = recording
+if sys.argv[3] == "kill":
+    selftrain.relabel = killed
+train.main(train.settings_from_argv(sys.argv[4:]))
+"""
+
+
+@pytest.mark.parametrize("mode", [["--weights_dtype=bf16"], ["--fsdp=true"]], ids=["ddp-bf16-base", "fsdp"])
+def test_2_ranks_resumed_after_round_0_end_where_an_uninterrupted_run_does(tmp_path, real_like, loop_files, mode):
+    """LoRA on 2 ranks: under DDP only rank 0 merged the adapters in place and the base was bf16;
+    under FSDP the model scored sharded in bf16-or-fp32 compute. Every rank now scores with the
+    model loaded back from disk, as a resumed run does: the same pool probabilities and final
+    weights, bit for bit. Under FSDP the other ranks load it on the meta device only."""
+    lab, pool, ev = loop_files
+    script = tmp_path / "recording.py"
+    script.write_text(RECORDING_LOADS)
+    args = [f"--model={real_like('llama3', 'pm')}", f"--train_file={lab}", f"--unlabeled_file={pool}",
+            f"--eval_file={ev}", "--rounds=1", "--threshold=0.55", "--lora=true", "--global_batch_size=16",
+            "--micro_batch_size=8", "--lr=5e-3", "--warmup_steps=1", "--max_length=24", *mode]
+    straight, out = tmp_path / "straight", tmp_path / "resumed"
+    for folder, what in ((straight, "go"), (out, "kill"), (out, "go")):
+        logs = tmp_path / f"logs-{folder.name}-{what}"
+        logs.mkdir()
+        done = run([ROOT, str(logs), what, *args, f"--out_dir={folder}"], ranks=2, script=str(script), timeout=600)
+        assert (done.returncode != 0) == (what == "kill"), done.stderr[-3000:]
+    assert len(json.load(open(out / "manifest.json"))["rounds"]) == 2
+    probs = lambda folder: [json.loads(line)["prob_a"] for line in open(folder / "round_1" / "pool.jsonl")]
+    assert probs(out) == probs(straight)
+    assert_same_weights(weights(out / "round_1" / "model"), weights(straight / "round_1" / "model"))
+    if "--fsdp=true" in mode:  # rank 1 never reads a whole model into host memory
+        loads = [json.loads(line) for line in open(tmp_path / "logs-straight-go" / "loads-1.jsonl")]
+        assert len(loads) >= 3 and all(load["meta"] for load in loads)
+
+
 # ----------------------------------------------------------------------------- scoring length (7)
 
 def test_label_and_evaluate_score_at_the_length_the_model_was_trained_at(tmp_path, pm_folder, loop_files, capsys):
@@ -380,9 +430,10 @@ def test_a_preempted_run_checkpoints_and_resumes_to_the_same_weights(tmp_path, p
     assert losses(out) == losses(tmp_path / "straight")
 
 
-def test_torchrun_forwards_sigterm_and_every_rank_checkpoints_the_same_step(tmp_path, pm_folder, toy_files):
+@pytest.mark.parametrize("mode", [[], ["--fsdp=true"]], ids=["ddp", "fsdp"])
+def test_torchrun_forwards_sigterm_and_every_rank_checkpoints_the_same_step(tmp_path, pm_folder, toy_files, mode):
     args = [f"--model={pm_folder}", f"--train_file={toy_files[0]}", "--epochs=6", "--global_batch_size=16",
-            "--micro_batch_size=8", "--lr=2e-3", "--save_every=0", "--log_every=1"]
+            "--micro_batch_size=8", "--lr=2e-3", "--save_every=0", "--log_every=1", *mode]
     straight = run(args + [f"--out_dir={tmp_path / 'straight'}"], ranks=2, timeout=600)
     assert straight.returncode == 0, straight.stderr[-3000:]
     out = tmp_path / "preempted"
@@ -396,8 +447,10 @@ def test_torchrun_forwards_sigterm_and_every_rank_checkpoints_the_same_step(tmp_
     _, stderr = agent.communicate(timeout=120)
     assert agent.returncode != 0
     assert not (out / "model").exists(), "the run finished before the signal: make it longer"
-    assert stderr.count("preempted: round 0: stopped by SIGTERM") >= 1
-    step = torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"]
+    assert stderr.count("preempted: round 0: stopped by SIGTERM") == 2, stderr[-3000:]  # one line from each rank
+    state = torch.load(out / "checkpoint" / "state.pt", weights_only=True)
+    step = state["step"]
+    assert ("shards" in state) == ("--fsdp=true" in mode)
     assert step >= 1
     resumed = run(args + [f"--out_dir={out}"], ranks=2, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -414,7 +467,7 @@ import {script} as script
 real = scoring.pad_right
 def signalling(seqs, pad_id):  # the notice arrives while the second batch is scored
     signalling.calls += 1
-    if signalling.calls == 2:
+    if signalling.calls == 2 and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 only
         os.kill(os.getpid(), signal.SIGTERM)
     return real(seqs, pad_id)
 signalling.calls = 0
@@ -438,6 +491,12 @@ def test_label_and_evaluate_stopped_by_sigterm_leave_no_output(tmp_path, pm_fold
     done = run([ROOT, f"--model={pm_folder}", "--batch_size=4", *args], script=str(wrapper))
     assert done.returncode == 143, done.stderr[-3000:]
     assert done.stderr.strip().splitlines()[-1].startswith("preempted: stopped by SIGTERM while scoring")
+    assert os.listdir(out) == []
+    # 2 ranks, the signal on rank 0 only: they agree, and both stop with the line, no traceback
+    done = run([ROOT, f"--model={pm_folder}", "--batch_size=4", *args], ranks=2, script=str(wrapper), timeout=300)
+    assert done.returncode != 0
+    ranks = done.stderr.split("failed (exitcode")[0]  # what the ranks printed, before torchrun's own report
+    assert ranks.count("preempted: stopped by SIGTERM while scoring") == 2 and "Traceback" not in ranks, ranks[-3000:]
     assert os.listdir(out) == []
 
 
