@@ -526,11 +526,11 @@ class Encoder:
             encoded = self.encode_examples([(p.prompt, [p.rejected, p.chosen] if s else [p.chosen, p.rejected],
                                              one_order, p.where) for p, s in zip(pairs, swaps)], drop)
             self._count(encoded)
-            return [{"input_ids": ids[0], "label": self.label_ids["B" if s else "A"]}
-                    for (ids, _), s in zip(encoded, swaps) if ids is not None]
+            return [{"input_ids": ids[0], "label": self.label_ids["B" if s else "A"], "where": p.where}
+                    for (ids, _), s, p in zip(encoded, swaps, pairs) if ids is not None]
         encoded = self._rm_pairs([p.prompt for p in pairs], [p.chosen for p in pairs], [p.rejected for p in pairs],
                                  [p.where for p in pairs], drop)
-        return [{"chosen_ids": c, "rejected_ids": r, "margin": p.margin}
+        return [{"chosen_ids": c, "rejected_ids": r, "margin": p.margin, "where": p.where}
                 for (c, r), p in zip(encoded, pairs) if c is not None]
 
     def encode_score(self, prompts, firsts, seconds, wheres=None):

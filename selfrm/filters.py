@@ -35,6 +35,12 @@ class StatusResult:
     needed: int  # qualifying pairs a status needs to be met
 
 
+def status_needed(pool_size, min_count, min_fraction):
+    """Qualifying pairs a status needs: max(min_count, ceil(min_fraction * N), 1) (an empty
+    selection is never 'met')."""
+    return max(min_count, math.ceil(min_fraction * pool_size), 1)
+
+
 def learning_status(score_a, score_b, tau_high=0.55, tau_low=0.45, tau_delta=0.3,
                     min_count=600, min_fraction=0.0, mode="sequential"):
     """SER's learning-status filter (section 3, steps 2-3) over scores p = sigmoid(r).
@@ -48,7 +54,7 @@ def learning_status(score_a, score_b, tau_high=0.55, tau_low=0.45, tau_delta=0.3
     a, b = np.asarray(score_a, dtype=np.float64), np.asarray(score_b, dtype=np.float64)
     s1 = ((a > tau_high) & (b < tau_low)) | ((b > tau_high) & (a < tau_low))
     s2 = np.abs(a - b) > tau_delta
-    needed = max(min_count, math.ceil(min_fraction * len(a)), 1)  # an empty selection is never 'met'
+    needed = status_needed(len(a), min_count, min_fraction)
     if mode == "union":
         keep = s1 | s2
         met = "union" if keep.sum() >= needed else "converged"

@@ -18,7 +18,7 @@ from selfrm import dist, settings
 from selfrm.data import Encoder, Pair, example_length
 from selfrm.files import (Locked, dump_json, dump_jsonl, fingerprint, lock, publish_together, read_json,
                           remove_leftovers, write_json)
-from selfrm.filters import confidence, confidence_filter, learning_status, pseudo_label
+from selfrm.filters import confidence, confidence_filter, learning_status, pseudo_label, status_needed
 from selfrm.metrics import accuracy
 from selfrm.modeling import add_lora, has_adapters, load_model, load_tokenizer, store_frozen
 from selfrm.scoring import score_encoded, sigmoid
@@ -71,9 +71,17 @@ def _claim(cfg, inputs):
     elif os.path.exists(settings_path):
         saved, current = read_json(settings_path), settings.to_dict(cfg)
         changed = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
-                   if k not in RUN_INDEPENDENT and saved.get(k) != current.get(k)]
+                   if k not in RUN_INDEPENDENT and k != "rounds" and saved.get(k) != current.get(k)]
         if changed:
             raise SettingsError(f"{cfg.out_dir} holds a run with other settings ({'; '.join(changed[:3])}): {start_over}")
+        if cfg.rounds < saved.get("rounds", cfg.rounds):
+            raise SettingsError(f"{cfg.out_dir} holds a run of --rounds={saved['rounds']}: fewer rounds would leave "
+                                f"finished ones out; pass --rounds={saved['rounds']} (or more, to go on from its last "
+                                f"finished round); {start_over}")
+        if cfg.rounds > saved.get("rounds", cfg.rounds):  # more rounds: finished ones stay as they are
+            dist.print0(f"{cfg.out_dir}: --rounds goes from {saved['rounds']} to {cfg.rounds}: rounds that finished "
+                        f"are kept, the run goes on from the last of them")
+            write_json(settings_path, current)
         saved_inputs = read_json(inputs_path) if os.path.exists(inputs_path) else {}
         for key, now in inputs.items():
             was = saved_inputs.get(key)
@@ -87,6 +95,27 @@ def _claim(cfg, inputs):
     if not os.path.exists(settings_path):
         write_json(inputs_path, inputs)
         write_json(settings_path, settings.to_dict(cfg))  # last: its presence marks a claimed folder
+
+
+def finished_run(cfg, demo=False):
+    """The final model's folder (relative to out_dir) when out_dir holds this run finished
+    (its manifest records every round cfg.rounds asks for, or convergence), else None."""
+    path = os.path.join(cfg.out_dir, "manifest.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        manifest, saved = read_json(path), read_json(os.path.join(cfg.out_dir, "settings.json"))
+        rounds = manifest["rounds"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # claim_out_dir says what is wrong with it
+    current = settings.to_dict(cfg)
+    if any(saved.get(k) != current.get(k) for k in set(saved) | set(current) if k not in RUN_INDEPENDENT):
+        return None  # another run, or more rounds: claim_out_dir decides
+    self_training = demo or cfg.unlabeled_file or cfg.labeled_fraction
+    done = not self_training or len(rounds) > cfg.rounds or (rounds and rounds[-1].get("status") == "converged")
+    if demo and "supervised" not in manifest:
+        done = False
+    return manifest.get("final_model") if done else None
 
 
 def train_run(cfg, world, pairs, run_dir, source, round_index=0, name=None, score=True):
@@ -167,8 +196,9 @@ def report_cuts(encoder, n, what, cfg):
 def preview(cfg, pairs, out):
     """Write the first cfg.preview training sequences of round 0 to `out`, exactly as the model
     receives them (rendered, truncated, decoded with special tokens), in the order training
-    feeds them (one process): one JSON object a line {"text", "label", "tokens"}, label
-    A/B (pm) or chosen/rejected (rm)."""
+    feeds them (one process): one JSON object a line {"text", "label", "tokens", "source"}, label
+    A/B (pm) or chosen/rejected (rm: the two sequences of a pair one after the other), source the
+    file:line of the pair."""
     tokenizer = load_tokenizer(cfg)
     examples, encoder = encode_training(cfg, tokenizer, pairs)
     world, name = dist.Dist(), {v: k for k, v in encoder.label_ids.items()}
@@ -176,18 +206,23 @@ def preview(cfg, pairs, out):
     sequences = []
     for batch in global_batches(lengths, cfg, world, 0):
         for micro in micro_batches(batch, cfg, world):
-            group = [examples[i] for i in micro]
-            if cfg.model_type == "pm":  # in the order the collator stacks them
-                sequences += [(e["input_ids"], name[e["label"]]) for e in group]
-            else:
-                sequences += [(e["chosen_ids"], "chosen") for e in group] + [(e["rejected_ids"], "rejected") for e in group]
+            for e in (examples[i] for i in micro):
+                if cfg.model_type == "pm":
+                    sequences.append((e["input_ids"], name[e["label"]], e["where"]))
+                else:  # a whole pair: its chosen and its rejected sequence
+                    sequences += [(e["chosen_ids"], "chosen", e["where"]), (e["rejected_ids"], "rejected", e["where"])]
         if len(sequences) >= cfg.preview:
             break
-    for ids, label in sequences[:cfg.preview]:
+    if cfg.model_type == "rm" and cfg.preview % 2:  # whole pairs
+        cfg_preview = cfg.preview + 1
+    else:
+        cfg_preview = cfg.preview
+    sequences = sequences[:cfg_preview]
+    for ids, label, where in sequences:
         out.write(json.dumps({"text": tokenizer.decode(ids, skip_special_tokens=False), "label": label,
-                              "tokens": len(ids)}, ensure_ascii=False) + "\n")
+                              "tokens": len(ids), "source": where}, ensure_ascii=False) + "\n")
     out.flush()
-    return sequences[:cfg.preview]
+    return sequences
 
 
 def encode_for_scoring(cfg, tokenizer, prompts, firsts, seconds, wheres, what, counts=None):
@@ -328,6 +363,15 @@ def relabel(cfg, world, model, tokenizer, pool, encoded=None):
     return rows, summary
 
 
+def warn_unreachable_status(cfg, pool_size):
+    """--filter=status on a pool smaller than a status needs: no round can ever meet one."""
+    needed = status_needed(pool_size, cfg.status_min_count, cfg.status_min_fraction)
+    if cfg.filter == "status" and cfg.rounds > 0 and pool_size < needed:
+        dist.print0(f"warning: --filter=status needs {needed} qualifying pairs to meet a status "
+                    f"(--status_min_count={cfg.status_min_count}), more than the pool's {pool_size}: no status can be "
+                    f"met and self-training stops after round 0; lower --status_min_count")
+
+
 def check_gold(cfg, pool):
     if cfg.label_source == "gold" and any(u.gold is None for u in pool):
         raise SettingsError("--label_source=gold needs a gold label on every pool row")
@@ -390,6 +434,7 @@ def run_self_training(cfg, world, labeled, pool, eval_pairs=None, inputs=None):
                          the pool, and the loop stops when no status is met.
     A re-run continues after the last finished round (finished rounds are in the manifest)."""
     check_filter(cfg)
+    warn_unreachable_status(cfg, len(pool))
     manifest_path = os.path.join(cfg.out_dir, "manifest.json")
     manifest = read_json(manifest_path) if os.path.exists(manifest_path) else {**(inputs or {}), "rounds": []}
     rounds = manifest["rounds"]

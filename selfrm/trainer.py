@@ -67,6 +67,17 @@ def lr_at(step, total_steps, cfg):
     return cfg.lr
 
 
+def warn_few_steps(cfg, pairs, total_steps, desc):
+    """A run of fewer optimizer steps than its warm-up, or than 10, barely trains: say so."""
+    if total_steps >= max(cfg.warmup_steps, 10) or total_steps == cfg.max_steps:  # --max_steps: asked for
+        return
+    why = [f"fewer than --warmup_steps={cfg.warmup_steps}, so the warm-up is cut to {total_steps}"
+           if total_steps < cfg.warmup_steps else "", "fewer than 10" if total_steps < 10 else ""]
+    dist.print0(f"warning: {desc}: {pairs} pairs at --global_batch_size={cfg.global_batch_size} and "
+                f"--epochs={cfg.epochs} make {total_steps} optimizer step{'s' if total_steps != 1 else ''} "
+                f"({'; '.join(w for w in why if w)}): lower --global_batch_size or raise --epochs")
+
+
 def autocast_dtype(cfg, device):
     """The autocast dtype, or None for fp32. 'auto' is bf16 on a GPU that has it."""
     name = cfg.dtype
@@ -238,6 +249,7 @@ def train(cfg, model, tokenizer, examples, run_dir, world, settings, label_ids=N
         total_steps = min(total_steps, cfg.max_steps)
     if total_steps == 0:
         raise ValueError(f"{desc}: {len(examples)} pairs make no global batch of {world.world_size}+ pairs")
+    warn_few_steps(cfg, len(examples), total_steps, desc)
 
     ckpt_dir, log_path = os.path.join(run_dir, "checkpoint"), os.path.join(run_dir, "train_log.jsonl")
     os.makedirs(run_dir, exist_ok=True)

@@ -210,12 +210,17 @@ def test_preview_prints_what_training_feeds_first_and_writes_nothing(tmp_path, t
         expected = [(examples[i]["input_ids"], "A" if examples[i]["label"] == encoder.label_ids["A"] else "B")
                     for m in micro for i in m][:6]
     else:
-        # the collator stacks a micro-batch's chosen sequences, then its rejected ones
-        expected = [(examples[i][key], side) for m in micro for key, side in
-                    (("chosen_ids", "chosen"), ("rejected_ids", "rejected")) for i in m][:6]
+        # whole pairs: each pair's chosen sequence, then its rejected one
+        expected = [(examples[i][key], side) for m in micro for i in m for key, side in
+                    (("chosen_ids", "chosen"), ("rejected_ids", "rejected"))][:6]
     assert [(l["text"], l["label"], l["tokens"]) for l in lines] == \
         [(tok.decode(ids, skip_special_tokens=False), label, len(ids)) for ids, label in expected[:6]]
     assert max(l["tokens"] for l in lines) <= 20 and len({l["label"] for l in lines}) == 2
+    # every line names its source row, file:line
+    pairs = load_pairs(train_file)
+    order = [i for m in micro for i in m for _ in range(1 if kind == "pm" else 2)][:6]
+    assert [l["source"] for l in lines] == [pairs[i].where for i in order]
+    assert all(l["source"].startswith(f"{train_file}:") for l in lines)
 
 
 @pytest.mark.parametrize("name", ["ultrafeedback-binarized-1k-train.jsonl", "hh-rlhf-harmless-base-test.jsonl.gz"])
