@@ -17,7 +17,7 @@ import torch
 
 from selfrm.dist import print0
 from selfrm.settings import InputError
-from selfrm.templates import ChatTemplate, context_parts, cut_responses, join, pm_parts, segment_tokens
+from selfrm.templates import ChatTemplate, context_parts, join, pm_parts, segment_tokens
 
 ROLES = ("system", "user", "assistant")
 
@@ -500,7 +500,7 @@ class Encoder:
             text.update({seg: t for t, seg in parts if seg is not None and seg not in text})
         extra = 0  # tokens that re-tokenizing the cut text added (merges at the cut)
         for _ in range(8):
-            keep = keep_lengths(n_context, n_responses, fixed, members, L - extra, tie=responses)
+            keep = keep_lengths(n_context, n_responses, fixed, members, L - extra)
             if keep is None:
                 break
             keep_context, keep_responses = keep
@@ -560,26 +560,25 @@ class Encoder:
         self.truncated += sum(ids is not None and cut for ids, cut in encoded)
 
 
-def keep_lengths(n_context, n_responses, fixed, members, max_length, tie=None):
-    """The truncation rule on numbers: tokens kept of the context and of each response.
-    Sequence s holds `fixed[s]` template tokens, the context and the responses `members[s]`,
-    and must fit `max_length`. The context goes first (its oldest tokens, down to one, by what
-    the longest sequence needs), then each sequence's responses (templates.cut_responses:
-    the longer first); a response in several sequences keeps its shortest cut. `tie` orders
-    responses of equal length (their texts: both orders of a pair cut alike). None: no fit."""
-    tie = tie or list(range(len(n_responses)))
-    room = min(max_length - f - sum(n_responses[j] for j in m) for f, m in zip(fixed, members))
-    keep_context = max(min(n_context, room), min(1, n_context))
-    keep = list(n_responses)
-    for f, m in zip(fixed, members):
-        order = sorted(m, key=lambda j: (-n_responses[j], tie[j]))
-        excess = f + keep_context + sum(n_responses[j] for j in m) - max_length
-        cut = cut_responses([n_responses[j] for j in order], max(excess, 0))
-        if cut is None:
-            return None
-        for j, n in zip(order, cut):
-            keep[j] = min(keep[j], n)
-    return keep_context, keep
+def keep_lengths(n_context, n_responses, fixed, members, max_length):
+    """The truncation rule on numbers: balanced. Every content segment (the context, each
+    response) keeps min(its length, L) tokens, for the largest L at which every sequence fits:
+    the longest segment is cut first, down to the next longest, then both together, and so on.
+    Sequence s holds `fixed[s]` template tokens, the context and the responses `members[s]`
+    (pm: one sequence, or both orders, holding both responses; rm: the chosen and the rejected
+    sequence, one response each, the same context). Returns (context kept, [kept per
+    response]), or None when even one token of each does not fit. Tokens that no L can use
+    (budget 10 over three long segments: L = 3, 9 used) stay unused: the segments stay level."""
+    def fits(L):
+        return all(f + min(n_context, L) + sum(min(n_responses[j], L) for j in m) <= max_length
+                   for f, m in zip(fixed, members))
+    if not fits(1):
+        return None
+    low, high = 1, max([n_context, *n_responses, 1])
+    while low < high:  # the largest L that fits
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return min(n_context, low), [min(n, low) for n in n_responses]
 
 
 def cut_context(prompt, context_tokens, text, drop):

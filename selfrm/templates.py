@@ -3,16 +3,17 @@
 A rendered sequence is a list of parts `(text, segment)`: `segment` is None for template
 text, which is never cut (chat-template head and tail, the pair-pm instruction words and
 markers, role headers), or names the conversation content it holds: ("turn", i) for the
-i-th prompt message, ("response", j) for the j-th response. Truncation cuts only content:
+i-th prompt message, ("response", j) for the j-th response. Truncation cuts only content,
+balanced over the content segments (the context, each response; data.keep_lengths):
 
-1. the context loses its oldest content tokens first, keeping at least one token;
-2. if that is not enough, the oldest whole turns (role header and content) go; the newest
-   turn stays;
-3. then the responses are cut from their ends, the longer first: the longer is cut until
-   it is as long as the shorter, then both lose the same number of tokens (each keeps at
-   least one).
-The cut is decided on the text, and every order of a pair is rendered from the same cut
-text, so both orders of a pairwise example carry the same responses.
+1. every segment keeps min(its length, L) tokens for the largest L that fits: the longest is
+   cut first, down to the next longest, then both together, and so on (each keeps at least
+   one token); the context loses its oldest tokens, a response its last ones;
+2. when even the role headers do not fit, the oldest whole turns (header and content) go
+   first; the newest turn stays.
+The cut is decided on the text, and every sequence of an example is rendered from the same
+cut text: both orders of a pairwise example, and the chosen and rejected sequences of a
+scalar pair, carry the same context and the same responses.
 """
 import re
 
@@ -134,21 +135,3 @@ def segment_tokens(parts, offsets, special):
             if lo <= s2 and e2 <= hi:  # cut points at its first and last non-space character
                 out[seg].append((s2 - lo, e2 - lo))
     return out
-
-
-def cut_responses(lengths, excess):
-    """Tokens to keep in each response when `excess` tokens must go: the longer first, down
-    to the shorter, then both equally (an odd token from the longer; from the first when
-    they are as long). None if they cannot keep one token each."""
-    keep = list(lengths)
-    if sum(keep) - excess < len(keep):
-        return None
-    if len(keep) == 1:
-        return [keep[0] - excess]
-    longer = 0 if keep[0] >= keep[1] else 1
-    first_cut = min(excess, keep[longer] - keep[1 - longer])
-    keep[longer] -= first_cut
-    rest = excess - first_cut
-    keep[longer] -= (rest + 1) // 2
-    keep[1 - longer] -= rest // 2
-    return keep

@@ -352,14 +352,18 @@ def test_label_and_evaluate_score_at_the_length_the_model_was_trained_at(tmp_pat
 # ----------------------------------------------------------------------------- the scalar model's cut (8)
 
 def test_the_rule_on_numbers():
-    # one pm sequence: 10 fixed, context 20, responses 6 and 2, budget 30: context to 12, then none cut
+    """Balanced: every segment keeps min(its length, L) for the largest L that fits."""
+    # one pm sequence: 10 template tokens, context 20, responses 6 and 2, 30 tokens: L = 12
     assert keep_lengths(20, [6, 2], [10], [[0, 1]], 30) == (12, [6, 2])
-    # context down to one token, then the longer response first
-    assert keep_lengths(20, [6, 2], [10], [[0, 1]], 16) == (1, [3, 2])
-    # an rm pair: two sequences, one response each; one context cut, by the longer sequence
+    # 16 tokens leave 6 for content: L = 2 (the context down to 6, then all three to 2)
+    assert keep_lengths(20, [6, 2], [10], [[0, 1]], 16) == (2, [2, 2])
+    # 7 for content: still L = 2 (L = 3 needs 8): one token unused, the segments stay level
+    assert keep_lengths(20, [6, 2], [10], [[0, 1]], 17) == (2, [2, 2])
+    # an rm pair, one response per sequence: the longer sequence decides the shared context cut
     assert keep_lengths(20, [6, 2], [5, 5], [[0], [1]], 25) == (14, [6, 2])
-    assert keep_lengths(20, [9, 2], [5, 5], [[0], [1]], 10) == (1, [4, 2])
-    assert keep_lengths(20, [9, 2], [5, 5], [[0], [1]], 6) is None
+    assert keep_lengths(20, [9, 2], [5, 5], [[0], [1]], 10) == (2, [2, 2])
+    assert keep_lengths(20, [9, 2], [5, 5], [[0], [1]], 6) is None  # not one token each
+    assert keep_lengths(0, [9, 2], [5], [[0, 1]], 9) == (0, [2, 2])  # no context: the responses share it all
 
 
 def test_both_sequences_of_a_scalar_pair_read_the_same_context():
@@ -367,10 +371,11 @@ def test_both_sequences_of_a_scalar_pair_read_the_same_context():
     prompt = [{"role": "user", "content": " ".join(f"t{i}" for i in range(12))}]
     long, short = " ".join(f"w{i}" for i in range(1, 9)), "w20"
     full = Encoder(tok, "rm", 10_000).encode_score([prompt], [long], [short])[0]
-    enc = Encoder(tok, "rm", len(full[0]) - 4)  # the chosen sequence is 4 tokens over
+    enc = Encoder(tok, "rm", len(full[0]) - 4)  # the chosen sequence is 4 tokens over: context 12 -> 8
     chosen, rejected = enc.encode_score([prompt], [long], [short])[0]
     context = lambda ids: [w for w in tok.convert_ids_to_tokens(ids) if w.startswith("t")]
     assert context(chosen) == context(rejected) == [f"t{i}" for i in range(4, 12)]
+    assert [w for w in tok.convert_ids_to_tokens(chosen) if w.startswith("w")] == long.split()
     assert len(rejected) < len(full[1])  # cut although it fitted alone
     assert enc.truncated == 1
 

@@ -9,7 +9,7 @@ import pytest
 
 from selfrm import toy
 from selfrm.data import DataError, Encoder, Pair
-from selfrm.templates import cut_responses, pm_instruction, render_context
+from selfrm.templates import pm_instruction, render_context
 
 USER = lambda text: {"role": "user", "content": text}
 ASSISTANT = lambda text: {"role": "assistant", "content": text}
@@ -62,23 +62,24 @@ def test_the_context_loses_its_oldest_tokens_first():
     assert len(ids) == len(full) - 5 and enc.truncated == 1
 
 
-def test_then_the_longer_response_is_cut_then_both_equally():
-    assert cut_responses([6, 2], 3) == [3, 2]  # the longer only
-    assert cut_responses([6, 2], 6) == [1, 1]  # down to the shorter (4), then 1 each
-    assert cut_responses([2, 6], 5) == [2, 1]  # the odd token from the longer
-    assert cut_responses([2, 6], 7) is None  # each must keep one token
+def test_the_longest_segment_is_cut_first_then_all_alike():
     tok = toy.build_tokenizer()
     prompt = [USER("t0 t1 t2")]
     long, short = "w1 w2 w3 w4 w5 w6", "w7 w8"
     full = Encoder(tok, "pm", 10_000).encode_score([prompt], [long], [short])[0][0]
-    # 2 context tokens go first (one stays), then 5 of the responses: the long one 4, then 1 more
-    enc = Encoder(tok, "pm", len(full) - 7)
+    # content 3 + 6 + 2 must lose 5: the long response goes down to 3 (the context's length), then
+    # both to 2 (the short one's): each segment keeps min(length, 2)
+    enc = Encoder(tok, "pm", len(full) - 5)
     a_first, b_first = enc.encode_score([prompt], [long], [short])[0]
+    assert words(a_first, tok) == ["[CONTEXT]", "<turn>", "user", "t1", "t2", "[RESPONSE", "A]", "w1", "w2",
+                                   "[RESPONSE", "B]", "w7", "w8"]
+    # both orders carry the same cut context and responses
+    assert words(b_first, tok) == ["[CONTEXT]", "<turn>", "user", "t1", "t2", "[RESPONSE", "A]", "w7", "w8",
+                                   "[RESPONSE", "B]", "w1", "w2"]
+    # one more token to lose: L = 1 fits 3 of the 5 tokens left, and the segments stay level
+    a_first = Encoder(tok, "pm", len(full) - 6).encode_score([prompt], [long], [short])[0][0]
     assert words(a_first, tok) == ["[CONTEXT]", "<turn>", "user", "t2", "[RESPONSE", "A]", "w1",
-                                       "[RESPONSE", "B]", "w7", "w8"]
-    # both orders carry the same cut responses
-    assert words(b_first, tok) == ["[CONTEXT]", "<turn>", "user", "t2", "[RESPONSE", "A]", "w7", "w8",
-                                       "[RESPONSE", "B]", "w1"]
+                                   "[RESPONSE", "B]", "w7"]
 
 
 def test_whole_oldest_turns_go_when_even_the_headers_do_not_fit():
@@ -95,10 +96,13 @@ def test_a_scalar_sequence_keeps_its_end_of_turn():
     tok = toy.build_tokenizer(chat=True)
     prompt = [USER("t0 t1 t2 t3")]
     full = Encoder(tok, "rm", 10_000).encode_score([prompt], ["w1 w2 w3 w4"], ["w5"])[0][0]
-    enc = Encoder(tok, "rm", len(full) - 5)  # 3 context tokens, then 2 of the response
-    ids = enc.encode_score([prompt], ["w1 w2 w3 w4"], ["w5"])[0][0]
-    assert words(ids, tok) == ["<|im_start|>", "user", "t3", "<|im_end|>", "<|im_start|>", "assistant",
-                               "w1", "w2", "<|im_end|>"]
+    enc = Encoder(tok, "rm", len(full) - 4)  # context 4 and response 4 must lose 4: 2 each
+    chosen, rejected = enc.encode_score([prompt], ["w1 w2 w3 w4"], ["w5"])[0]
+    assert words(chosen, tok) == ["<|im_start|>", "user", "t2", "t3", "<|im_end|>", "<|im_start|>", "assistant",
+                                  "w1", "w2", "<|im_end|>"]
+    # the rejected sequence fitted alone; it reads the same context as the chosen one
+    assert words(rejected, tok) == ["<|im_start|>", "user", "t2", "t3", "<|im_end|>", "<|im_start|>", "assistant",
+                                    "w5", "<|im_end|>"]
 
 
 def test_overlong_drop_leaves_pairs_out_and_counts_them():
@@ -135,20 +139,25 @@ def parse_pm(text):
     return turns, m.group(2), m.group(3)
 
 
+@pytest.mark.parametrize("max_length", [256, 1024, 3072])
 @pytest.mark.parametrize("name", ["ultrafeedback-binarized-1k-train.jsonl", "hh-rlhf-harmless-base-test.jsonl.gz"])
-def test_cut_pairs_keep_the_template_and_cut_only_content_at_512(name, smollm2_tokenizer):
-    """Both orders of each real pair at max_length 512: the template whole, the responses
-    prefixes of the originals (the same in both orders), the context turns suffixes of the
-    newest original turns."""
+def test_cut_pairs_keep_the_template_and_cut_only_content_balanced(name, max_length, smollm2_tokenizer):
+    """Both orders of each real pair: the template whole, the responses prefixes of the
+    originals (the same in both orders), the context turns suffixes of the newest original
+    turns, and the cut balanced: the segments that were cut keep about the same number of
+    tokens (L), and no segment left whole is longer than them."""
     from test_real import need_data
     from selfrm.data import load_pairs
     pairs = load_pairs(need_data(name), bad_rows="skip")[:300]
     tok = smollm2_tokenizer
-    enc = Encoder(tok, "pm", 512)
+    enc = Encoder(tok, "pm", max_length)
     encoded = enc.encode_score([p.prompt for p in pairs], [p.chosen for p in pairs], [p.rejected for p in pairs])
-    assert enc.truncated > 10  # real answers overflow 512 tokens: the cut was exercised
+    if max_length == 256:
+        assert enc.truncated > 50  # real conversations overflow 256 tokens: the cut was exercised
+    n_tokens = lambda text: len(tok(text.strip(), add_special_tokens=False)["input_ids"])
+    balanced = 0
     for p, (ab, ba) in zip(pairs, encoded):
-        assert len(ab) <= 512 and len(ba) <= 512
+        assert len(ab) <= max_length and len(ba) <= max_length
         turns, a, b = parse_pm(tok.decode(ab, skip_special_tokens=False))
         turns_ba, b2, a2 = parse_pm(tok.decode(ba, skip_special_tokens=False))
         assert (a, b, turns) == (a2, b2, turns_ba)
@@ -157,3 +166,34 @@ def test_cut_pairs_keep_the_template_and_cut_only_content_at_512(name, smollm2_t
         assert [r for r, _ in turns] == [m["role"] for m in kept]
         assert all(m["content"].endswith(c) for (_, c), m in zip(turns, kept))
         assert turns[-1][1]  # the newest turn keeps at least a token
+        if len(turns) != len(p.prompt) or (a, b) == (p.chosen, p.rejected) and all(
+                c == m["content"] for (_, c), m in zip(turns, kept)):
+            continue  # whole turns went (headers did not fit), or nothing was cut
+        segments = [("context", sum(n_tokens(c) for _, c in turns), all(c == m["content"] for (_, c), m in zip(turns, kept))),
+                    ("a", n_tokens(a), a == p.chosen), ("b", n_tokens(b), b == p.rejected)]
+        cut = [n for _, n, whole in segments if not whole]
+        whole = [n for _, n, whole in segments if whole]
+        slack = 3 + 2 * len(turns)  # re-tokenizing a segment alone moves its count by a token or two at each edge
+        assert max(cut) - min(cut) <= slack and all(n <= max(cut) + slack for n in whole), (segments, max_length)
+        balanced += 1
+    if max_length == 256:
+        assert balanced > 20  # pairs whose cut the balance check saw
+
+
+@pytest.mark.parametrize("name", ["ultrafeedback-binarized-1k-train.jsonl", "hh-rlhf-harmless-base-test.jsonl.gz"])
+def test_both_sequences_of_a_real_scalar_pair_read_the_same_context(name, smollm2_tokenizer):
+    from test_real import need_data
+    from selfrm.data import load_pairs
+    pairs = load_pairs(need_data(name), bad_rows="skip")[:300]
+    tok = smollm2_tokenizer
+    enc = Encoder(tok, "rm", 256)
+    encoded = enc.encode_score([p.prompt for p in pairs], [p.chosen for p in pairs], [p.rejected for p in pairs])
+    assert enc.truncated > 50
+    for p, (chosen, rejected) in zip(pairs, encoded):
+        assert len(chosen) <= 256 and len(rejected) <= 256
+        head_c, answer_c = tok.decode(chosen, skip_special_tokens=False).rsplit("<|im_start|>assistant\n", 1)
+        head_r, answer_r = tok.decode(rejected, skip_special_tokens=False).rsplit("<|im_start|>assistant\n", 1)
+        assert head_c == head_r  # one context cut per pair
+        assert answer_c.endswith("<|im_end|>\n") and answer_r.endswith("<|im_end|>\n")
+        assert p.chosen.startswith(answer_c[:-len("<|im_end|>\n")].strip()) and \
+            p.rejected.startswith(answer_r[:-len("<|im_end|>\n")].strip())
