@@ -198,8 +198,11 @@ def report_new_weights(model, source, info):
 def quiet_deprecations():
     """Hide deprecation warnings raised inside the calls selfrm makes, which a user can do
     nothing about: peft's get_peft_model reads transformers 5's deprecated
-    `is_gradient_checkpointing`. Every script loads a tokenizer before any model."""
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+    `is_gradient_checkpointing`; the trainer's `gradient_checkpointing_enable` is renamed
+    `activation_checkpointing_enable` in recent releases. Every script loads a tokenizer before
+    any model."""
+    for name in ("is_gradient_checkpointing", "gradient_checkpointing_enable"):
+        warnings.filterwarnings("ignore", message=f".*{name}.* is deprecated", category=FutureWarning)
 
 
 @contextlib.contextmanager

@@ -21,10 +21,10 @@ import label
 import train
 from conftest import GGUF, ROOT, need_smollm2, package_folder, save_toy, write_jsonl
 from selfrm import toy
-from selfrm.data import load_unlabeled
+from selfrm.data import load_pairs, load_unlabeled
 from selfrm.dist import Dist
-from selfrm.modeling import add_lora, load_model, load_tokenizer
-from selfrm.selftrain import finish_round
+from selfrm.modeling import load_model, load_tokenizer
+from selfrm.selftrain import finish_round, train_run
 from selfrm.settings import (CHOICES, GROUPS, EvalSettings, LabelSettings, TrainSettings, _comments, build_parser,
                              cli, make, parse_args)
 
@@ -283,12 +283,15 @@ def test_a_new_score_head_is_one_plain_line_not_a_load_report(pm_folder, capfd):
                                 "architecture"]
 
 
-def test_no_deprecation_warning_from_adding_lora(pm_folder):
-    cfg = make(TrainSettings, model=pm_folder, model_type="pm", lora=True)
+def test_no_deprecation_warning_from_the_calls_selfrm_makes(tmp_path, pm_folder):
+    """LoRA (peft reads a deprecated transformers property) and gradient checkpointing (a
+    renamed transformers method), through selfrm's own training run."""
+    pairs = load_pairs(write_jsonl(tmp_path / "train.jsonl", toy.make_pairs(0, 8)))
+    cfg = make(TrainSettings, model=pm_folder, model_type="pm", lora=True, gradient_checkpointing=True, max_steps=1,
+               global_batch_size=4, micro_batch_size=4, max_length=64, out_dir=str(tmp_path / "run"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model, _ = load_model(cfg)
-        add_lora(model, cfg)
+        train_run(cfg, Dist(), pairs, cfg.out_dir, pm_folder)
     assert [str(w.message) for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))] == []
 
 
