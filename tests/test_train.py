@@ -213,12 +213,16 @@ def test_speed_options_do_not_change_the_result(tmp_path, toy_files, pm_folder, 
         torch.testing.assert_close(fast[k], plain[k], rtol=1e-4, atol=1e-5)
 
 
-def test_bf16_frozen_weights_halve_the_base_and_merge_in_fp32(tmp_path, toy_files, rm_folder):
+def test_bf16_frozen_weights_halve_the_base_and_merge_in_fp32(tmp_path, toy_files, rm_folder, monkeypatch):
     """--weights_dtype=bf16 (rm, LoRA): the frozen base is bf16 and the adapters and peft's score
     head fp32 while training; losses stay within bf16's reach of the fp32 run; the merged model
     is fp32(bf16(W)) + (alpha/r) B A exactly, which a merge in bf16 would round away."""
+    from selfrm import selftrain
     from selfrm.dist import Dist
     from selfrm.selftrain import train_run
+    trained = []  # the model as training receives it (train_run returns the one saved and loaded back)
+    real_train = selftrain.train
+    monkeypatch.setattr(selftrain, "train", lambda cfg, model, *a, **k: trained.append(model) or real_train(cfg, model, *a, **k))
     train_file, _ = toy_files
     pairs = load_pairs(train_file)
     common = dict(model=rm_folder, model_type="rm", train_file=train_file, lora=True, lora_dropout=0.0, max_steps=3,
@@ -227,8 +231,8 @@ def test_bf16_frozen_weights_halve_the_base_and_merge_in_fp32(tmp_path, toy_file
     for name, extra in (("fp32", {}), ("bf16", {"weights_dtype": "bf16"}),
                         ("adapter", {"weights_dtype": "bf16", "save_adapter_only": True})):
         cfg = make(TrainSettings, out_dir=str(tmp_path / name), **{**FAST, **common, **extra})
-        model, _, _ = train_run(cfg, Dist(), pairs, cfg.out_dir, cfg.model)
-        runs[name] = cfg.out_dir
+        train_run(cfg, Dist(), pairs, cfg.out_dir, cfg.model)
+        runs[name], model = cfg.out_dir, trained[-1]
         if name != "bf16":
             continue
         frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
