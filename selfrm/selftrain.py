@@ -19,7 +19,7 @@ from selfrm.data import Encoder, Pair, example_length
 from selfrm.files import (Locked, dump_json, dump_jsonl, fingerprint, lock, publish_together, read_json,
                           remove_leftovers, write_json)
 from selfrm.filters import confidence, confidence_filter, learning_status, pseudo_label, status_needed
-from selfrm.metrics import accuracy
+from selfrm.metrics import accuracy, bin_index
 from selfrm.modeling import add_lora, has_adapters, load_model, load_tokenizer, store_frozen
 from selfrm.scoring import score_encoded, sigmoid
 from selfrm.settings import SettingsError
@@ -386,11 +386,11 @@ def gold_report(prob_a, labels, gold, keep):
     right = labels == gold
     conf = confidence(prob_a)
     bins = {}
-    for k in range(5):
-        lo = 0.5 + k / 10
-        inside = has & (conf >= lo) & ((conf < lo + 0.1) if k < 4 else True)
-        bins[f"{lo:.1f}-{lo + 0.1:.1f}"] = {"n": int(inside.sum()),
-                                           "accuracy": float(right[inside].mean()) if inside.any() else None}
+    index = bin_index(conf, 10)  # the calibration table's bins: 0.7 + 0.1 falls in 0.8-0.9, as 0.8 does
+    for k in range(5, 10):
+        inside = has & (index == k)
+        bins[f"{k / 10:.1f}-{(k + 1) / 10:.1f}"] = {"n": int(inside.sum()),
+                                                   "accuracy": float(right[inside].mean()) if inside.any() else None}
     kept = has & keep
     return {"gold_rows": int(has.sum()), "pseudo_label_accuracy": float(right[has].mean()),
             "pseudo_label_accuracy_kept": float(right[kept].mean()) if kept.any() else None,
