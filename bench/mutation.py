@@ -233,13 +233,15 @@ PROPERTIES = [
 ]
 
 FINDINGS = """\
-- **Bug, selfrm/selftrain.py `gold_report`** (the per-confidence pseudo-label accuracy of each round's
-  summary): the bin edges are computed as `lo = 0.5 + k / 10` and `lo + 0.1`, so bin 0.7-0.8 ends at
-  0.7 + 0.1 = 0.7999999999999999 while bin 0.8-0.9 starts at 0.5 + 0.3 = 0.8: a confidence of
-  0.7999999999999999 (P = 0.7 + 0.1) is counted in no bin (the bins' `n` do not add up to `gold_rows`),
-  and the rule differs from metrics.bin_index, which puts it in 0.8-0.9. Failing test:
-  tests/test_pinned.py::test_8_pseudo_label_accuracy_by_confidence_bins_every_row_as_calibration_does
-  (marked xfail(strict=True): remove the marker with the fix, e.g. bins from metrics.bin_index(conf, 10)).
+- **Bug, selfrm/selftrain.py `gold_report`** (found by the property-8 work, fixed in e49e85c): the
+  per-confidence pseudo-label accuracy of each round's summary computed its bin edges as
+  `lo = 0.5 + k / 10` and `lo + 0.1`, so bin 0.7-0.8 ended at 0.7 + 0.1 = 0.7999999999999999 while
+  bin 0.8-0.9 started at 0.5 + 0.3 = 0.8: a confidence of 0.7999999999999999 (P = 0.7 + 0.1) was
+  counted in no bin (the bins' `n` did not add up to `gold_rows`), by another rule than
+  metrics.bin_index. The test that showed it,
+  tests/test_pinned.py::test_8_pseudo_label_accuracy_by_confidence_bins_every_row_as_calibration_does,
+  was marked xfail(strict=True) during this mutation run; e49e85c bins by metrics.bin_index and
+  dropped the marker. No mutant here touches gold_report, so the run's results hold for e49e85c.
 - **RewardBench's XSTest counts**: selfrm/metrics.py has xstest-should-refuse 154, xstest-should-respond 250,
   as the SPEC and XSTest itself (250 safe prompts to answer, 200 unsafe ones of which RewardBench keeps
   154). One version of allenai/reward-bench's rewardbench/constants.py (commit a32e272) has the two swapped
@@ -357,7 +359,8 @@ def markdown(results, source, seconds):
            "| id | file | mutant | old tests | test_pinned | verdict | first failure |", "|---|---|---|---|---|---|---|"]
     for r in results:
         m = r["mutant"]
-        out.append(f"| {m.id} | {m.file} | {m.what} | {r['old']} | {r['new']} | {r['status']} | {r['by'].replace('|', '/')} |")
+        cell = lambda text: text.replace("|", "\\|")
+        out.append(f"| {m.id} | {m.file} | {cell(m.what)} | {r['old']} | {r['new']} | {r['status']} | {cell(r['by'])} |")
     out += ["", "## The nine properties of issue 20", "",
             "| property | tests in tests/test_pinned.py | mutants it must kill |", "|---|---|---|"]
     status = {r["mutant"].id: r for r in results}
