@@ -24,7 +24,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from selfrm import toy
 from selfrm.dist import print0
-from selfrm.files import atomic_dir
+from selfrm.files import atomic_dir, read_json
 from selfrm.settings import SettingsError
 
 
@@ -252,16 +252,11 @@ def resolve_max_length(cfg):
     if cfg.max_length:
         return cfg.max_length
     path = os.path.join(cfg.model, "settings.json")
-    trained = read_settings_json(path).get("max_length") if os.path.isfile(path) else None
+    trained = read_json(path).get("max_length") if os.path.isfile(path) else None
     cfg.max_length = trained or 512
     where = f"the length {cfg.model} was trained at" if trained else f"the default: {cfg.model} records no training length"
     print0(f"--max_length={cfg.max_length} ({where}; pass --max_length to change it)")
     return cfg.max_length
-
-
-def read_settings_json(path):
-    with open(path) as f:
-        return json.load(f)
 
 
 def check_outputs(outputs, inputs):

@@ -55,6 +55,13 @@ def claim_out_dir(cfg, world, inputs):
         raise SettingsError(error or "rank 0 could not claim --out_dir (its error says why)")
 
 
+def changed_settings(saved, current, also_ignored=()):
+    """The settings (sorted) in which two runs differ, leaving out those that do not change
+    what a run computes (RUN_INDEPENDENT) and `also_ignored`."""
+    return [k for k in sorted(set(saved) | set(current))
+            if k not in RUN_INDEPENDENT and k not in also_ignored and saved.get(k) != current.get(k)]
+
+
 def _claim(cfg, inputs):
     os.makedirs(cfg.out_dir, exist_ok=True)
     _LOCKS.append(lock(cfg.out_dir))
@@ -70,8 +77,7 @@ def _claim(cfg, inputs):
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     elif os.path.exists(settings_path):
         saved, current = read_json(settings_path), settings.to_dict(cfg)
-        changed = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
-                   if k not in RUN_INDEPENDENT and k != "rounds" and saved.get(k) != current.get(k)]
+        changed = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed_settings(saved, current, {"rounds"})]
         if changed:
             raise SettingsError(f"{cfg.out_dir} holds a run with other settings ({'; '.join(changed[:3])}): {start_over}")
         if cfg.rounds < saved.get("rounds", cfg.rounds):
@@ -108,8 +114,7 @@ def finished_run(cfg, demo=False):
         rounds = manifest["rounds"]
     except (OSError, ValueError, KeyError, TypeError):
         return None  # claim_out_dir says what is wrong with it
-    current = settings.to_dict(cfg)
-    if any(saved.get(k) != current.get(k) for k in set(saved) | set(current) if k not in RUN_INDEPENDENT):
+    if changed_settings(saved, settings.to_dict(cfg)):
         return None  # another run, or more rounds: claim_out_dir decides
     self_training = demo or cfg.unlabeled_file or cfg.labeled_fraction
     done = not self_training or len(rounds) > cfg.rounds or (rounds and rounds[-1].get("status") == "converged")
@@ -150,11 +155,11 @@ def train_run(cfg, world, pairs, run_dir, source, round_index=0, name=None, scor
     return model, tokenizer, summary
 
 
-def scoring_model(cfg, world, source, tokenizer=None):
+def scoring_model(cfg, world, source):
     """A saved model, on every rank, to score with. Under --fsdp rank 0 alone reads it and each
     rank scores with its shards (one copy in a node's host memory, not one per rank)."""
     fsdp = cfg.fsdp and world.ddp
-    model, tokenizer = load_model(cfg, source, tokenizer, meta=fsdp and not world.master)
+    model, tokenizer = load_model(cfg, source, meta=fsdp and not world.master)
     if fsdp:
         shard_from_rank0(model, world.device, world, autocast_dtype(cfg, world.device))
     return model, tokenizer
