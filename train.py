@@ -39,20 +39,22 @@ def main(cfg):
 def run(cfg, demo_data_dir, preview_to=None):
     # ---------------------------------------------------------------- the demo's data, when no file is given
     demo = cfg.model == "toy" and not cfg.train_file and not cfg.unlabeled_file
-    finished = preview_to is None and finished_run(cfg, demo)
+    if demo:  # the settings the demo's run records: its data files
+        files = toy.demo_files(demo_data_dir)
+        demo_cfg = dataclasses.replace(cfg, train_file=files["labeled"], unlabeled_file=files["pool"],
+                                       eval_file=cfg.eval_file or files["eval"])
+    finished = preview_to is None and finished_run(demo_cfg if demo else cfg, demo)
     if finished:  # the first line says so: nothing below trains
         dist.print0(f"{cfg.out_dir} holds this run, finished: its final model is "
                     f"{os.path.join(cfg.out_dir, finished)}; its results follow (nothing is trained again)")
     if demo:
-        files = toy.demo_files(demo_data_dir)
         algorithm = ("SSRM: pairwise model, confidence filter" if cfg.filter == "confidence" else
                      "SER: scalar model, learning-status filter" if cfg.filter == "status" else f"filter={cfg.filter}")
         if not finished:
             dist.print0(f"selfrm demo ({algorithm}) on the toy task of selfrm/toy.py: round 0 trains on the labeled "
                         f"share, {cfg.rounds} rounds pseudo-label the pool and retrain, then the same model trains "
                         f"on every label for comparison. Output: {cfg.out_dir}/")
-        cfg = dataclasses.replace(cfg, train_file=files["labeled"], unlabeled_file=files["pool"],
-                                  eval_file=cfg.eval_file or files["eval"])
+        cfg = demo_cfg
     # ---------------------------------------------------------------- check everything before writing anything
     if preview_to is None:
         check_out_dir_path(cfg.out_dir)

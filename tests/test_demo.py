@@ -40,7 +40,7 @@ def test_the_pool_holds_words_the_labeled_share_barely_shows():
     assert len(with_rare) > 0.25 * len(pool)
 
 
-def test_short_demo_writes_the_manifest(tmp_path, monkeypatch):
+def test_short_demo_writes_the_manifest(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(toy, "DEMO_SIZES", {"labeled": 64, "pool": 128, "eval": 64})
     out = tmp_path / "demo"
     rounds = train.main(train.settings_from_argv([f"--out_dir={out}", "--rounds=1", "--epochs=2"]))
@@ -53,3 +53,9 @@ def test_short_demo_writes_the_manifest(tmp_path, monkeypatch):
     settings = json.load(open(out / "settings.json"))
     assert settings["model"] == "toy" and settings["epochs"] == 2 and settings["lr"] == toy.demo_defaults()["lr"]
     assert sorted(os.listdir(out / "data")) == ["eval.jsonl", "full.jsonl", "labeled.jsonl", "pool.jsonl"]
+    # a rerun of the finished demo says so on its first line, not the demo's introduction
+    capsys.readouterr()
+    train.main(train.settings_from_argv([f"--out_dir={out}", "--rounds=1", "--epochs=2"]))
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"{out} holds this run, finished: its final model is {out / 'round_1/model'}; its results follow (nothing is "
+        f"trained again)")
