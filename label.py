@@ -1,10 +1,12 @@
 """Pseudo-label a file of unlabeled pairs with a trained reward model, and filter them.
 
     python label.py --model=D/model --unlabeled_file=U.jsonl --out_file=L.jsonl \
-        [--filter=confidence|status|none] [--threshold=0.8] [--emit=rows|pairs]
+        [--filter=confidence|status|consistent|none] [--threshold=0.8] [--temperature=1] [--emit=rows|pairs]
 
-Each output row is the input row plus prob_a, confidence, pseudo_label and keep (and for a
-scalar model score_a, score_b, and with --filter=status the status that selected it).
+Each output row is the input row plus prob_a, confidence, pseudo_label and keep (for a
+pairwise model prob_a_orders, P(a1 > a2) in each A/B order; for a scalar model score_a,
+score_b; with --filter=status the status that selected it; with --temperature other than 1
+prob_a_calibrated, which confidence and the filter then use).
 --emit=pairs writes the kept rows as {prompt, chosen, rejected} instead: training data.
 A summary goes to stdout and to L.summary.json. Works under torchrun (sharded scoring).
 """
@@ -32,7 +34,7 @@ def main(cfg):
     try:
         model, tokenizer = load_model(cfg)
         # ------------------------------------------------------------ score, filter
-        rows, summary = relabel(cfg, world, model, tokenizer, pool)
+        rows, summary = relabel(cfg, world, model, tokenizer, pool, temperature=cfg.temperature)
         # ------------------------------------------------------------ write: rows and summary together
         if world.master:
             write_rows_and_summary(cfg.out_file, as_pairs(rows) if cfg.emit == "pairs" else rows, summary)

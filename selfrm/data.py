@@ -35,6 +35,7 @@ class Pair:
     margin: float = 0.0
     extra: dict = field(default_factory=dict)  # the row's other fields, passed through
     where: str = field(default="", compare=False)  # 'file:line' it was read from, for error messages
+    prob: float = 1.0  # the probability that `chosen` is better: 1 for a gold label; a soft pseudo-label's below
 
 
 @dataclass
@@ -526,11 +527,11 @@ class Encoder:
             encoded = self.encode_examples([(p.prompt, [p.rejected, p.chosen] if s else [p.chosen, p.rejected],
                                              one_order, p.where) for p, s in zip(pairs, swaps)], drop)
             self._count(encoded)
-            return [{"input_ids": ids[0], "label": self.label_ids["B" if s else "A"], "where": p.where}
+            return [{"input_ids": ids[0], "label": self.label_ids["B" if s else "A"], "prob": p.prob, "where": p.where}
                     for (ids, _), s, p in zip(encoded, swaps, pairs) if ids is not None]
         encoded = self._rm_pairs([p.prompt for p in pairs], [p.chosen for p in pairs], [p.rejected for p in pairs],
                                  [p.where for p in pairs], drop)
-        return [{"chosen_ids": c, "rejected_ids": r, "margin": p.margin, "where": p.where}
+        return [{"chosen_ids": c, "rejected_ids": r, "margin": p.margin, "prob": p.prob, "where": p.where}
                 for (c, r), p in zip(encoded, pairs) if c is not None]
 
     def encode_score(self, prompts, firsts, seconds, wheres=None):

@@ -3,6 +3,12 @@
 - `pseudo_label`: the argmax label of each pair (SPEC 2).
 - `confidence_filter`: SSRM's confidence threshold (SPEC 3).
 - `learning_status`: SER's learning-status filter over per-response scores (SPEC 4).
+
+Rules beyond the two papers, each off by default (README, "Selection rules beyond the papers"):
+- `consistent_filter`: a pairwise model's verdict counts when both A/B orders agree.
+- `fit_temperature` / `calibrated`: one temperature T fitted on held-out labeled pairs.
+- `stable_labels`: whether a pseudo-label equals the one of the previous round.
+- `longer_share`: how often a preferred response is the longer one (a report, not a filter).
 """
 import math
 from dataclasses import dataclass
@@ -23,6 +29,75 @@ def confidence(prob_a):
 def confidence_filter(prob_a, threshold=0.8):
     """SSRM (Algorithm 1): keep a pair when its confidence max(P, 1 - P) >= threshold."""
     return confidence(prob_a) >= threshold
+
+
+def order_disagreement(prob_a_orders):
+    """(N,) bool: the two orders of a pm pair pick different responses (position bias).
+    prob_a_orders: (N, 2), P(a1 > a2) with a1 in slot A and with a1 in slot B."""
+    orders = np.asarray(prob_a_orders, dtype=np.float64).reshape(-1, 2)
+    return pseudo_label(orders[:, 0]) != pseudo_label(orders[:, 1])
+
+
+def consistent_filter(prob_a_orders, prob_a, threshold=0.8):
+    """Order consistency (pm): keep a pair when both orders pick the same response and the
+    order-averaged confidence max(P, 1 - P) >= threshold (P = prob_a, calibrated or not)."""
+    return ~order_disagreement(prob_a_orders) & confidence_filter(prob_a, threshold)
+
+
+def logit(prob):
+    """log(P / (1 - P)), P clipped to [1e-12, 1 - 1e-12] so that a saturated P stays finite."""
+    p = np.clip(np.asarray(prob, dtype=np.float64), 1e-12, 1 - 1e-12)
+    return np.log(p) - np.log1p(-p)
+
+
+def calibrated(logits, temperature=1.0):
+    """P_T = sigmoid(z / T) of pair logits z (rm: r1 - r2; pm: logit of the order-averaged P)."""
+    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64) / temperature))
+
+
+def temperature_nll(logits, temperature):
+    """Mean -log P_T of pairs whose first response is the better one: softplus(-z / T)."""
+    return float(np.mean(np.logaddexp(0.0, -np.asarray(logits, dtype=np.float64) / temperature)))
+
+
+def fit_temperature(logits, low=1e-3, high=1e3, iterations=200):
+    """The T > 0 in [low, high] that minimises temperature_nll on pairs whose first response
+    is the better one (z = their logits). The NLL is convex in 1/T, so a golden-section search
+    over log(1/T) finds the minimum; T = 1 is returned where it is no worse (no pairs, all
+    z = 0, or a minimum at T = 1), so the fitted T never raises the NLL it was fitted on."""
+    z = np.asarray(logits, dtype=np.float64)
+    if z.size == 0 or not np.any(z):
+        return 1.0
+    nll = lambda u: temperature_nll(z, math.exp(-u))  # u = log(1/T)
+    a, b = -math.log(high), -math.log(low)
+    g = (math.sqrt(5) - 1) / 2
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = nll(c), nll(d)
+    for _ in range(iterations):
+        if fc <= fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = nll(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = nll(d)
+    u = (a + b) / 2
+    return math.exp(-u) if nll(u) < nll(0.0) else 1.0
+
+
+def stable_labels(labels, previous):
+    """Per pair: True where its pseudo-label equals `previous` (the label it got in the last
+    round), False where it flipped, None where it has no previous label (previous[i] None)."""
+    return [None if p is None else bool(l == p) for l, p in zip(labels, previous)]
+
+
+def longer_share(preferred_tokens, other_tokens):
+    """The share of pairs whose preferred response is the longer one (in tokens), among the
+    pairs whose two responses differ in length; None when no pair does."""
+    a, b = np.asarray(preferred_tokens), np.asarray(other_tokens)
+    differ = a != b
+    return float((a[differ] > b[differ]).mean()) if differ.any() else None
 
 
 @dataclass

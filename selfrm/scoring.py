@@ -2,7 +2,9 @@
 
 pm (SPEC 1a): both orders of a pair go through the same forward batch; from each, the
 logits of the `A` and `B` tokens at the label position, softmaxed over those two, and
-P(a1 > a2) = (p_A(a1, a2) + p_B(a2, a1)) / 2.
+P(a1 > a2) = (p_A(a1, a2) + p_B(a2, a1)) / 2. The two terms are kept as `prob_a_orders`:
+they disagree (one above 0.5, one not) where the model's verdict follows the slot, not the
+response (position bias).
 rm (SPEC 1b): both responses in the same batch; P(a1 > a2) = sigmoid(r1 - r2), and each
 response's score p = sigmoid(r).
 """
@@ -23,7 +25,8 @@ from selfrm.modeling import inner
 def score_encoded(model, encoded, pad_id, label_ids, world, batch_size=32, amp_dtype=None, desc="score"):
     """encoded: per pair the two id lists of Encoder.encode_score; label_ids: the ids of `A`
     and `B` for a pm, None for an rm. Returns a dict of numpy
-    arrays in pair order: prob_a, and for rm reward_a, reward_b. Each rank scores its
+    arrays in pair order: prob_a; for pm prob_a_orders (N, 2), P(a1 > a2) with a1 in slot A
+    and with a1 in slot B; for rm reward_a, reward_b. Each rank scores its
     strided shard; every rank gets the merged result."""
     model = inner(model).eval()
     device = world.device
@@ -50,7 +53,7 @@ def score_encoded(model, encoded, pad_id, label_ids, world, batch_size=32, amp_d
                 if token_ids is not None:
                     logits = model(input_ids, attention_mask, attention_mask.sum(1) - 1, token_ids=token_ids)
                     probs = logits.float().softmax(-1)  # (2B, 2): p_A, p_B
-                    values = torch.stack([(probs[0::2, 0] + probs[1::2, 1]) / 2], 1)
+                    values = torch.stack([probs[0::2, 0], probs[1::2, 1]], 1)  # a1 in slot A; a1 in slot B
                 else:
                     rewards = model(input_ids, attention_mask).float()
                     values = torch.stack([torch.sigmoid(rewards[0::2] - rewards[1::2]), rewards[0::2], rewards[1::2]], 1)
@@ -66,12 +69,11 @@ def score_encoded(model, encoded, pad_id, label_ids, world, batch_size=32, amp_d
             model(idle, torch.ones_like(idle), torch.zeros(2, dtype=torch.long, device=device), token_ids=token_ids)
         else:
             model(idle, torch.ones_like(idle))
-    width = 1 if token_ids is not None else 3
+    width = 2 if token_ids is not None else 3
     merged = np.array(dist.gather_shards([results[i] for i in shard], world), dtype=np.float64).reshape(len(encoded), width)
-    out = {"prob_a": merged[:, 0]}
-    if token_ids is None:
-        out["reward_a"], out["reward_b"] = merged[:, 1], merged[:, 2]
-    return out
+    if token_ids is not None:
+        return {"prob_a": (merged[:, 0] + merged[:, 1]) / 2, "prob_a_orders": merged}
+    return {"prob_a": merged[:, 0], "reward_a": merged[:, 1], "reward_b": merged[:, 2]}
 
 
 def sigmoid(x):

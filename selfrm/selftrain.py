@@ -18,8 +18,10 @@ from selfrm import dist, settings
 from selfrm.data import Encoder, Pair, example_length
 from selfrm.files import (Locked, dump_json, dump_jsonl, fingerprint, lock, publish_together, read_json,
                           remove_leftovers, write_json)
-from selfrm.filters import confidence, confidence_filter, learning_status, pseudo_label, status_needed
-from selfrm.metrics import accuracy, bin_index
+from selfrm.filters import (calibrated, confidence, confidence_filter, consistent_filter, fit_temperature, learning_status,
+                            logit, longer_share, order_disagreement, pseudo_label, stable_labels, status_needed,
+                            temperature_nll)
+from selfrm.metrics import accuracy, bin_index, calibration
 from selfrm.modeling import add_lora, has_adapters, load_model, load_tokenizer, store_frozen
 from selfrm.scoring import score_encoded, sigmoid
 from selfrm.settings import SettingsError
@@ -321,31 +323,60 @@ def check_filter(cfg):
     if cfg.filter == "status" and cfg.model_type == "pm":
         raise SettingsError("--filter=status needs a score per response (SER's p = sigmoid(r)); a pairwise "
                          "model (--model_type=pm) only scores pairs: use --filter=confidence, or --model_type=rm")
+    if cfg.filter == "consistent" and cfg.model_type == "rm":
+        raise SettingsError("--filter=consistent compares the two A/B orders of a pairwise model; a scalar model "
+                            "(--model_type=rm) scores each response alone and has no order: use --filter=confidence "
+                            "or --filter=status")
 
 
-def relabel(cfg, world, model, tokenizer, pool, encoded=None):
+def check_rules_need_pool(cfg):
+    """The selection rules act on pseudo-labels: without a pool (--unlabeled_file or
+    --labeled_fraction) they would do nothing, which a user asking for one should hear."""
+    asked = [f"--{k}" + (f"={getattr(cfg, k)}" if k == "calibrate" else "") for k in ("calibrate", "keep_stable", "soft_labels")
+             if getattr(cfg, k) not in (False, "none")]
+    if asked:
+        raise SettingsError(f"{', '.join(asked)} act on the pseudo-labels of self-training: give --unlabeled_file "
+                            f"(or --labeled_fraction) to self-train, or leave {'them' if len(asked) > 1 else 'it'} out")
+
+
+def pair_logits(scores):
+    """z with P(a1 > a2) = sigmoid(z): rm r1 - r2; pm the logit of the order-averaged P."""
+    return scores["reward_a"] - scores["reward_b"] if "reward_a" in scores else logit(scores["prob_a"])
+
+
+def relabel(cfg, world, model, tokenizer, pool, encoded=None, temperature=1.0, previous=None, keep_stable=False):
     """Score every pair of `pool`, pseudo-label it and apply cfg.filter (SPEC 2-4).
     `encoded` = (ids, label_ids) from encode_pool, when the caller tokenized the pool already.
+    temperature: label and filter with P_T = sigmoid(z / T) (pair_logits; SER's per-response
+    scores become sigmoid(r / T)); T = 1 uses the scores as they are.
+    previous: per pair, the pseudo-label of the last round (None where it had none); rows then
+    record `stable`, and keep_stable keeps only pairs whose label did not flip.
     Returns (rows, summary): one output row per input row, in input order. Gold labels are
     read only for the summary's accuracies."""
     check_filter(cfg)
     cuts = {}
     scores = score(cfg, world, model, tokenizer, encoded or encode_pool(cfg, tokenizer, pool, cuts), "label")
-    prob_a = scores["prob_a"]
+    prob_a = scores["prob_a"] if temperature == 1.0 else calibrated(pair_logits(scores), temperature)
     labels = pseudo_label(prob_a)
     gold = np.array([u.gold for u in pool], dtype=object)
     if cfg.label_source == "gold":  # the SSRM release's filter: not semi-supervised, an explicit option only
         check_gold(cfg, pool)
         labels = gold.astype(str)
-    summary = {"rows": len(pool), "filter": cfg.filter}
+    summary = {"rows": len(pool), "filter": cfg.filter, "temperature": temperature}
+    orders = scores.get("prob_a_orders")
+    if orders is not None:  # the pm's position bias: how often the two orders pick different responses
+        summary["order_disagreement"] = float(order_disagreement(orders).mean()) if len(pool) else 0.0
     if cuts:  # tokenized here (label.py): how many rows were over --max_length
         summary["truncated"] = cuts["truncated"]
     status = None
     if cfg.filter == "confidence":
         keep = confidence_filter(prob_a, cfg.threshold)
         summary["threshold"] = cfg.threshold
+    elif cfg.filter == "consistent":
+        keep = consistent_filter(orders, prob_a, cfg.threshold)
+        summary["threshold"] = cfg.threshold
     elif cfg.filter == "status":
-        score_a, score_b = sigmoid(scores["reward_a"]), sigmoid(scores["reward_b"])
+        score_a, score_b = sigmoid(scores["reward_a"] / temperature), sigmoid(scores["reward_b"] / temperature)
         result = learning_status(score_a, score_b, cfg.tau_high, cfg.tau_low, cfg.tau_delta,
                                  cfg.status_min_count, cfg.status_min_fraction, cfg.status_mode)
         keep, status = result.keep, result.status
@@ -353,19 +384,42 @@ def relabel(cfg, world, model, tokenizer, pool, encoded=None):
                        status2_count=result.status2_count, status_needed=result.needed)
     else:
         keep = np.ones(len(pool), dtype=bool)
+    stable = None
+    if previous is not None:
+        stable = stable_labels(labels, previous)
+        summary["flipped"] = sum(s is False for s in stable) if any(p is not None for p in previous) else None
+        if keep_stable:
+            keep = keep & np.array([s is not False for s in stable], dtype=bool)
     summary.update(kept=int(keep.sum()), kept_share=float(keep.mean()) if len(pool) else 0.0)
+    summary["longer_share_kept"] = longer_share_of(tokenizer, [chosen_rejected(u.response_a, u.response_b, l)
+                                                              for u, l, k in zip(pool, labels, keep) if k])
     summary.update(gold_report(prob_a, labels, gold, keep))
 
     rows = []
     for i, u in enumerate(pool):
-        row = {**u.row, "prob_a": float(prob_a[i]), "confidence": float(confidence(prob_a[i])),
-               "pseudo_label": str(labels[i]), "keep": bool(keep[i])}
+        row = {**u.row, "prob_a": float(scores["prob_a"][i])}
+        if orders is not None:
+            row["prob_a_orders"] = [float(p) for p in orders[i]]
+        if temperature != 1.0:
+            row["prob_a_calibrated"] = float(prob_a[i])
+        row.update(confidence=float(confidence(prob_a[i])), pseudo_label=str(labels[i]), keep=bool(keep[i]))
         if "reward_a" in scores:
-            row["score_a"], row["score_b"] = float(sigmoid(scores["reward_a"][i])), float(sigmoid(scores["reward_b"][i]))
+            row["score_a"] = float(sigmoid(scores["reward_a"][i] / temperature))
+            row["score_b"] = float(sigmoid(scores["reward_b"][i] / temperature))
         if status is not None:
             row["status"] = int(status[i]) or None
+        if stable is not None:
+            row["stable"] = stable[i]
         rows.append(row)
     return rows, summary
+
+
+def longer_share_of(tokenizer, pairs):
+    """longer_share of (preferred, other) response texts, lengths in the tokenizer's tokens."""
+    if not pairs:
+        return None
+    lengths = [len(ids) for ids in tokenizer([t for pair in pairs for t in pair], add_special_tokens=False)["input_ids"]]
+    return longer_share(lengths[0::2], lengths[1::2])
 
 
 def warn_unreachable_status(cfg, pool_size):
@@ -440,6 +494,7 @@ def run_self_training(cfg, world, labeled, pool, eval_pairs=None, inputs=None):
     A re-run continues after the last finished round (finished rounds are in the manifest)."""
     check_filter(cfg)
     warn_unreachable_status(cfg, len(pool))
+    labeled, held_out = hold_out_for_calibration(cfg, labeled)
     manifest_path = os.path.join(cfg.out_dir, "manifest.json")
     manifest = read_json(manifest_path) if os.path.exists(manifest_path) else {**(inputs or {}), "rounds": []}
     rounds = manifest["rounds"]
@@ -449,6 +504,8 @@ def run_self_training(cfg, world, labeled, pool, eval_pairs=None, inputs=None):
     tokenizer = load_tokenizer(cfg)
     pool_ids, label_ids = encode_pool(cfg, tokenizer, pool, sequences.setdefault("unlabeled_file", {}))
     evaluation = (eval_pairs, encode_pairs(cfg, tokenizer, eval_pairs, sequences.setdefault("eval_file", {}))) if eval_pairs else None
+    calibration_set = (held_out, encode_pairs(cfg, tokenizer, held_out)) if held_out else None
+    longer_labeled = longer_share_of(tokenizer, [(p.chosen, p.rejected) for p in labeled])
     if not rounds:  # ------------------------------------------------ round 0: the seed model
         start = time.time()
         if cfg.skip_initial_training:
@@ -456,12 +513,14 @@ def run_self_training(cfg, world, labeled, pool, eval_pairs=None, inputs=None):
             record = {"round": 0, "train_size": 0, "pseudo_labeled": 0, "pseudo_labeled_share": 0.0}
         else:
             model, tokenizer, summary = train_run(cfg, world, labeled, round_dir(cfg, 0), cfg.model, 0,
-                                                  score=bool(evaluation) or cfg.rounds > 0)
+                                                  score=bool(evaluation or calibration_set) or cfg.rounds > 0)
             record = {"round": 0, "train_size": len(labeled), "pseudo_labeled": 0, "pseudo_labeled_share": 0.0,
                       "model": "round_0/model", "init_model": cfg.model, "train_loss": summary.get("train_loss")}
             if "truncated" in summary:
                 sequences["train_file"] = {"pairs": len(labeled), "truncated": summary["truncated"],
                                            "dropped": summary["dropped"]}
+        if calibration_set:
+            record.update(fit_calibration(cfg, world, model, tokenizer, calibration_set))
         finish_round(cfg, world, manifest, record, model, tokenizer, evaluation, start)
 
     selected = {}  # SER: pool index -> pseudo-label, accumulated over rounds
@@ -481,13 +540,17 @@ def run_self_training(cfg, world, labeled, pool, eval_pairs=None, inputs=None):
             if model is None:
                 model = scoring_model(cfg, world, last_model(cfg, rounds))[0]
             rows, summary = relabel(cfg, world, model, tokenizer, [pool[i] for i in remaining],
-                                    ([pool_ids[i] for i in remaining], label_ids))
+                                    ([pool_ids[i] for i in remaining], label_ids), last_temperature(rounds),
+                                    previous_labels(cfg, t, remaining), cfg.keep_stable)
             for row, i in zip(rows, remaining):
                 row["pool_index"] = i
+            summary["longer_share_labeled"] = longer_labeled
             if world.master:
                 write_rows_and_summary(pool_file, rows, summary)
         record = {"round": t, "pool_size": len(remaining), "kept": summary["kept"],
-                  "pool_accuracy": summary.get("pseudo_label_accuracy")}
+                  "pool_accuracy": summary.get("pseudo_label_accuracy"),
+                  **{k: summary[k] for k in ("order_disagreement", "flipped", "longer_share_kept", "longer_share_labeled")
+                     if k in summary}}
         if cfg.filter == "status":
             record["status"] = summary["status_met"]
             if summary["status_met"] == "converged":  # recorded, and no new model
@@ -497,8 +560,9 @@ def run_self_training(cfg, world, labeled, pool, eval_pairs=None, inputs=None):
             pseudo = selected
         else:
             pseudo = read_selected(rows)
-        train_pairs = labeled + [pool_pair(pool[i], label) for i, label in sorted(pseudo.items())]
-        golds = [pool[i].gold == label for i, label in pseudo.items() if pool[i].gold is not None]
+        train_pairs = labeled + [pool_pair(pool[i], label, prob if cfg.soft_labels else 1.0)
+                                 for i, (label, prob) in sorted(pseudo.items())]
+        golds = [pool[i].gold == label for i, (label, _) in pseudo.items() if pool[i].gold is not None]
         record.update(train_size=len(train_pairs), pseudo_labeled=len(pseudo),
                       pseudo_labeled_share=len(pseudo) / max(1, len(train_pairs)),
                       pseudo_label_accuracy=float(np.mean(golds)) if golds else None)
@@ -506,9 +570,11 @@ def run_self_training(cfg, world, labeled, pool, eval_pairs=None, inputs=None):
         model = None  # the scorer's memory is free before the next model loads
         release_memory()
         model, tokenizer, summary = train_run(cfg, world, train_pairs, round_dir(cfg, t), source, t,
-                                              score=bool(evaluation) or t < cfg.rounds)
+                                              score=bool(evaluation or calibration_set) or t < cfg.rounds)
         record.update(model=f"round_{t}/model", init_model=source_name(cfg, source), train_loss=summary.get("train_loss"),
                       truncated=summary.get("truncated"), dropped=summary.get("dropped"))
+        if calibration_set:
+            record.update(fit_calibration(cfg, world, model, tokenizer, calibration_set))
         finish_round(cfg, world, manifest, record, model, tokenizer, evaluation, start)
     return rounds
 
@@ -532,8 +598,10 @@ def last_model(cfg, rounds):
 
 
 
-def pool_pair(u, label):
-    return Pair(u.prompt, *chosen_rejected(u.response_a, u.response_b, label))
+def pool_pair(u, label, prob=1.0):
+    """A pseudo-labeled pool pair as a training pair; prob: the probability, for soft labels,
+    that its chosen response is better (1.0: a hard label)."""
+    return Pair(u.prompt, *chosen_rejected(u.response_a, u.response_b, label), prob=prob)
 
 
 def read_jsonl(path):
@@ -542,8 +610,52 @@ def read_jsonl(path):
 
 
 def read_selected(rows_or_path):
+    """{pool index: (pseudo-label, its confidence)} of the kept rows of a labeled round."""
     rows = read_jsonl(rows_or_path) if isinstance(rows_or_path, str) else rows_or_path
-    return {row["pool_index"]: row["pseudo_label"] for row in rows if row["keep"]}
+    return {row["pool_index"]: (row["pseudo_label"], row["confidence"]) for row in rows if row["keep"]}
+
+
+def previous_labels(cfg, t, remaining):
+    """The pseudo-label each pool pair in `remaining` got in round t - 1 (None in round 1,
+    which has no previous labeling), read back from that round's pool file."""
+    if t < 2:
+        return [None] * len(remaining)
+    labels = {row["pool_index"]: row["pseudo_label"] for row in read_jsonl(os.path.join(round_dir(cfg, t - 1), "pool.jsonl"))}
+    return [labels.get(i) for i in remaining]
+
+
+# ----------------------------------------------------------------------------- calibration
+
+def hold_out_for_calibration(cfg, labeled):
+    """(training pairs, held-out pairs): with --calibrate=temperature, cfg.calibration_pairs
+    labeled pairs chosen with the run's seed leave training (every round) to fit T on."""
+    if cfg.calibrate != "temperature":
+        return labeled, []
+    n = cfg.calibration_pairs
+    if n >= len(labeled) and not cfg.skip_initial_training or n > len(labeled):
+        raise SettingsError(f"--calibration_pairs={n} holds out {n} of the {len(labeled)} labeled pairs: "
+                            f"{'none' if n >= len(labeled) else 'too few'} would be left to train on; "
+                            f"lower --calibration_pairs")
+    held = set(np.random.default_rng([cfg.seed, 2000]).permutation(len(labeled))[:n].tolist())
+    return [p for i, p in enumerate(labeled) if i not in held], [labeled[i] for i in sorted(held)]
+
+
+def fit_calibration(cfg, world, model, tokenizer, calibration_set):
+    """Fit the temperature T on the held-out pairs (chosen as a1) with the model just trained:
+    {"temperature": T, "calibration": {pairs, nll_before, nll_after, ece_before, ece_after}}."""
+    pairs, encoded = calibration_set
+    z = pair_logits(score(cfg, world, model, tokenizer, encoded, "calibrate"))
+    t = fit_temperature(z)
+    report = {"pairs": len(pairs), "nll_before": temperature_nll(z, 1.0), "nll_after": temperature_nll(z, t),
+              "ece_before": calibration(calibrated(z, 1.0))["ece"], "ece_after": calibration(calibrated(z, t))["ece"]}
+    dist.print0(f"temperature T = {t:.4f} on {len(pairs)} held-out pairs: NLL {report['nll_before']:.4f} -> "
+                f"{report['nll_after']:.4f}, ECE {report['ece_before']:.4f} -> {report['ece_after']:.4f}")
+    return {"temperature": t, "calibration": report}
+
+
+def last_temperature(rounds):
+    """The T the newest round fitted (1.0 without --calibrate): the pool is labeled with it."""
+    return next((r["temperature"] for r in reversed(rounds) if "temperature" in r), 1.0)
 
 
 def finish_round(cfg, world, manifest, record, model, tokenizer, evaluation, start):

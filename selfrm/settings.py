@@ -68,7 +68,7 @@ class ModelSettings:
 
 @dataclass
 class FilterSettings:
-    filter: str = "confidence"  # confidence (SSRM) | status (SER learning status) | none
+    filter: str = "confidence"  # confidence (SSRM) | status (SER learning status) | consistent (pm: both orders agree, and confidence) | none
     threshold: float = 0.8  # confidence filter: keep a pair when max(P, 1-P) >= threshold, P = P(a1 > a2)
     tau_high: float = 0.55  # status 1 (rm): one response's p = sigmoid(reward), in [0, 1], is above this...
     tau_low: float = 0.45  # ...and the other's p = sigmoid(reward) is below this
@@ -126,6 +126,11 @@ class TrainSettings(ModelSettings, FilterSettings):
     rounds: int = 3  # self-training rounds after round 0 (up to rounds+1 trained models)
     init_from: str = "base"  # base: each round restarts from --model (SSRM); previous: from the last round
     skip_initial_training: bool = False  # --model is already a reward model: no round-0 training
+    # selection rules beyond the papers (off by default)
+    calibrate: str = "none"  # temperature: after each round, fit one T on held-out labeled pairs; label with sigmoid(logit(P) / T)
+    calibration_pairs: int = 100  # --calibrate=temperature: labeled pairs held out of training to fit T on (seeded, the same every round)
+    keep_stable: bool = False  # from the second labeled round: keep a pair only if its pseudo-label equals the previous round's
+    soft_labels: bool = False  # a pseudo-labeled pair trains towards its (calibrated) probability, not the hard label
 
 
 @dataclass
@@ -136,6 +141,7 @@ class LabelSettings(ModelSettings, FilterSettings):
     unlabeled_file: str = ""  # input pool {prompt, response_a, response_b, ...}
     out_file: str = ""  # output JSONL; a summary goes to <out_file minus .jsonl>.summary.json
     emit: str = "rows"  # rows: every input row plus scores | pairs: kept rows as {prompt, chosen, rejected}
+    temperature: float = 1.0  # label with P_T = sigmoid(logit(P) / T) (a T that train.py --calibrate=temperature fitted); 1 = as scored
 
 
 @dataclass
@@ -156,7 +162,8 @@ CHOICES = {
     "dtype": ("auto", "bf16", "fp16", "fp32"),
     "format": ("auto", "jsonl", "hh", "sharegpt", "stack_exchange", "implicit_prompt"),
     "bad_rows": ("error", "skip"),
-    "filter": ("confidence", "status", "none"),
+    "filter": ("confidence", "status", "consistent", "none"),
+    "calibrate": ("none", "temperature"),
     "status_mode": ("sequential", "union"),
     "label_source": ("argmax", "gold"),
     "schedule": ("cosine", "linear", "constant"),
@@ -180,7 +187,8 @@ GROUPS = {
              "weights_dtype"),
     "self-training and filters": ("rounds", "init_from", "skip_initial_training", "filter", "threshold", "tau_high",
                                   "tau_low", "tau_delta", "status_min_count", "status_min_fraction", "status_mode",
-                                  "label_source"),
+                                  "label_source", "temperature", "calibrate", "calibration_pairs", "keep_stable",
+                                  "soft_labels"),
     "scoring": ("batch_size",),
     "distributed (torchrun)": ("fsdp", "dist_timeout_s"),
     "bookkeeping": ("out_dir", "resume", "overwrite", "log_every", "save_every"),
@@ -341,6 +349,8 @@ RANGES = {
     "limit": (lambda v: v >= 0, "0 (all) or more"),
     "preview": (lambda v: v >= 0, "0 (off) or more"),
     "dist_timeout_s": (lambda v: v >= 1, "at least 1 second"),
+    "temperature": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "calibration_pairs": (lambda v: v >= 1, "at least 1"),
 }
 
 

@@ -103,10 +103,10 @@ def pair_losses(model, batch, margin=0.0, center=0.0):
         labels = batch["labels"]
         other = batch["other_labels"]
         correct = label_logits.gather(1, labels[:, None]) > label_logits.gather(1, other[:, None])
-        return srm_loss(label_logits, labels), correct.squeeze(1)
+        return srm_loss(label_logits, labels, other, batch.get("probs")), correct.squeeze(1)
     rewards = model(batch["input_ids"], batch["attention_mask"])
     chosen_rewards, rejected_rewards = rewards.chunk(2)
-    losses = pairwise_loss(chosen_rewards, rejected_rewards, batch["margins"] + margin, center)
+    losses = pairwise_loss(chosen_rewards, rejected_rewards, batch["margins"] + margin, center, batch.get("probs"))
     return losses, chosen_rewards > rejected_rewards
 
 
@@ -144,15 +144,19 @@ def gradient_sync(model, last):
     return model.no_sync() if isinstance(model, DDP) and not last else nullcontext()
 
 
-def make_collate(model_type, tokenizer, label_ids):
+def make_collate(model_type, tokenizer, label_ids, soft_labels=False):
+    """The collator of a model kind; soft_labels adds `probs` (B,), each pair's probability
+    that its chosen response is better, which the losses then train towards."""
     pad_id = tokenizer.pad_token_id
-    if model_type == "rm":
-        return lambda examples: collate_rm(examples, pad_id)
-    a, b = label_ids["A"], label_ids["B"]
 
     def collate(examples):
-        batch = collate_pm(examples, pad_id)
-        batch["other_labels"] = torch.where(batch["labels"] == a, b, a)
+        if model_type == "rm":
+            batch = collate_rm(examples, pad_id)
+        else:
+            batch = collate_pm(examples, pad_id)
+            batch["other_labels"] = torch.where(batch["labels"] == label_ids["A"], label_ids["B"], label_ids["A"])
+        if soft_labels:
+            batch["probs"] = torch.tensor([e["prob"] for e in examples], dtype=torch.float32)
         return batch
     return collate
 
@@ -238,7 +242,7 @@ def train(cfg, model, tokenizer, examples, run_dir, world, settings, label_ids=N
     optimizer = make_optimizer(params, cfg, device)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    collate = make_collate(cfg.model_type, tokenizer, label_ids)
+    collate = make_collate(cfg.model_type, tokenizer, label_ids, cfg.soft_labels)
     lengths = [example_length(e) for e in examples]
     tokens_of = [len(e["input_ids"]) if "input_ids" in e else len(e["chosen_ids"]) + len(e["rejected_ids"])
                  for e in examples]

@@ -334,14 +334,14 @@ def test_7_relabel_applies_ser_status_to_sigmoid_of_the_rewards(monkeypatch):
             for _ in p_a]
     cfg = make(TrainSettings, model_type="rm", filter="status", status_min_count=4)
     # status 1: pairs 0, 1, 4 (0.7 > 0.55, 0.35 < 0.45): 3 < 4; status 2: pairs 0, 1, 2, 4 (0.35 > 0.3): met
-    rows, summary = relabel(cfg, Dist(), None, None, pool, ([], None))
+    rows, summary = relabel(cfg, Dist(), None, toy.build_tokenizer(), pool, ([], None))
     assert (summary["status_met"], summary["status1_count"], summary["status2_count"]) == ("status2", 3, 4)
     assert [r["status"] for r in rows] == [2, 2, 2, None, 2]
     assert [r["keep"] for r in rows] == [True, True, True, False, True]
     assert [r["pseudo_label"] for r in rows] == ["a", "b", "a", "b", "a"]
     np.testing.assert_allclose([r["score_a"] for r in rows], p_a)
     cfg = make(TrainSettings, model_type="rm", filter="status", status_min_count=3)  # now status 1 is met
-    rows, summary = relabel(cfg, Dist(), None, None, pool, ([], None))
+    rows, summary = relabel(cfg, Dist(), None, toy.build_tokenizer(), pool, ([], None))
     assert summary["status_met"] == "status1" and [r["status"] for r in rows] == [1, 1, None, None, 1]
 
 
