@@ -632,10 +632,12 @@ def hold_out_for_calibration(cfg, labeled):
     if cfg.calibrate != "temperature":
         return labeled, []
     n = cfg.calibration_pairs
-    if n >= len(labeled) and not cfg.skip_initial_training or n > len(labeled):
-        raise SettingsError(f"--calibration_pairs={n} holds out {n} of the {len(labeled)} labeled pairs: "
-                            f"{'none' if n >= len(labeled) else 'too few'} would be left to train on; "
+    if n > len(labeled):
+        raise SettingsError(f"--calibration_pairs={n}: there are only {len(labeled)} labeled pairs to hold out; "
                             f"lower --calibration_pairs")
+    if n == len(labeled) and not cfg.skip_initial_training:
+        raise SettingsError(f"--calibration_pairs={n} holds out {n} of the {len(labeled)} labeled pairs: none would "
+                            f"be left to train round 0 on; lower --calibration_pairs")
     held = set(np.random.default_rng([cfg.seed, 2000]).permutation(len(labeled))[:n].tolist())
     return [p for i, p in enumerate(labeled) if i not in held], [labeled[i] for i in sorted(held)]
 
