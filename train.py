@@ -23,8 +23,8 @@ from selfrm import dist, toy
 from selfrm.data import Encoder, load_pairs, load_unlabeled, split_labeled
 from selfrm.modeling import load_tokenizer
 from selfrm.files import read_json, write_json
-from selfrm.selftrain import (check_filter, check_gold, check_rules_need_pool, claim_out_dir, eval_accuracy,
-                             finished_run, format_table, hold_out_for_calibration, input_fingerprints, input_report,
+from selfrm.selftrain import (check_filter, check_gold, check_calibration_pairs, check_rules_need_pool, claim_out_dir,
+                             eval_accuracy, finished_run, format_table, input_fingerprints, input_report,
                              preview, run_self_training, run_training, train_run)
 from selfrm.settings import SettingsError, TrainSettings, cli, parse_args
 
@@ -67,7 +67,8 @@ def run(cfg, demo_data_dir, preview_to=None):
         check_filter(cfg)
         if data:
             check_gold(cfg, data[1])
-            hold_out_for_calibration(cfg, data[0])  # too many --calibration_pairs: said before any write
+        # too many --calibration_pairs: said before any write (the demo's data is written later)
+        check_calibration_pairs(cfg, len(data[0]) if data else toy.DEMO_SIZES["labeled"])
     else:
         check_rules_need_pool(cfg)
     if preview_to is not None:

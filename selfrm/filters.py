@@ -60,12 +60,19 @@ def temperature_nll(logits, temperature):
     return float(np.mean(np.logaddexp(0.0, -np.asarray(logits, dtype=np.float64) / temperature)))
 
 
-def fit_temperature(logits, low=1e-3, high=1e3, iterations=200):
-    """The T > 0 in [low, high] that minimises temperature_nll on pairs whose first response
-    is the better one (z = their logits). The NLL is convex in 1/T, so a golden-section search
+T_BOUNDS = (0.05, 20.0)  # the range T is fitted in
+
+
+def fit_temperature(logits, low=T_BOUNDS[0], high=T_BOUNDS[1], iterations=200):
+    """The T in [low, high] that minimises temperature_nll on pairs whose first response is
+    the better one (z = their logits). The NLL is convex in 1/T, so a golden-section search
     over log(1/T) finds the minimum; T = 1 is returned where it is no worse (no pairs, all
-    z = 0, or a minimum at T = 1), so the fitted T never raises the NLL it was fitted on."""
+    z = 0, or a minimum at T = 1), so the fitted T never raises the NLL it was fitted on.
+    The bounds matter when every held-out pair is ranked right: the NLL then falls without
+    end as T -> 0, and T stops at `low` (sigmoid(z / 0.05): z = 0.1 gives 0.88, not 1.0)."""
     z = np.asarray(logits, dtype=np.float64)
+    if not np.isfinite(z).all():
+        raise ValueError(f"temperature fit: {int((~np.isfinite(z)).sum())} of {z.size} pair logits are not finite")
     if z.size == 0 or not np.any(z):
         return 1.0
     nll = lambda u: temperature_nll(z, math.exp(-u))  # u = log(1/T)
@@ -82,8 +89,9 @@ def fit_temperature(logits, low=1e-3, high=1e3, iterations=200):
             a, c, fc = c, d, fd
             d = a + g * (b - a)
             fd = nll(d)
-    u = (a + b) / 2
-    return math.exp(-u) if nll(u) < nll(0.0) else 1.0
+    t = math.exp(-(a + b) / 2)
+    t = next((edge for edge in (low, high) if abs(math.log(t / edge)) < 1e-6), t)  # at a bound: the bound itself
+    return t if temperature_nll(z, t) < temperature_nll(z, 1.0) else 1.0
 
 
 def stable_labels(labels, previous):
@@ -117,7 +125,7 @@ def status_needed(pool_size, min_count, min_fraction):
 
 
 def learning_status(score_a, score_b, tau_high=0.55, tau_low=0.45, tau_delta=0.3,
-                    min_count=600, min_fraction=0.0, mode="sequential"):
+                    min_count=600, min_fraction=0.0, mode="sequential", eligible=None):
     """SER's learning-status filter (section 3, steps 2-3) over scores p = sigmoid(r).
 
     Status 1 (tell good from bad): one response has p > tau_high and the other p < tau_low.
@@ -125,10 +133,14 @@ def learning_status(score_a, score_b, tau_high=0.55, tau_low=0.45, tau_delta=0.3
     A status is met when at least max(min_count, ceil(min_fraction * N), 1) pairs qualify.
     sequential (the paper): status 1 if met, else status 2 if met, else 'converged' (the
     loop stops). union (the released code): the pairs that meet either, in one pass.
+    eligible: (N,) bool, the pairs that may qualify at all (--keep_stable: those whose label
+    did not flip); a status is then met only by enough eligible pairs.
     """
     a, b = np.asarray(score_a, dtype=np.float64), np.asarray(score_b, dtype=np.float64)
     s1 = ((a > tau_high) & (b < tau_low)) | ((b > tau_high) & (a < tau_low))
     s2 = np.abs(a - b) > tau_delta
+    if eligible is not None:
+        s1, s2 = s1 & eligible, s2 & eligible
     needed = status_needed(len(a), min_count, min_fraction)
     if mode == "union":
         keep = s1 | s2

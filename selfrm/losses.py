@@ -29,8 +29,9 @@ def pairwise_loss(chosen_rewards, rejected_rewards, margins=None, center_coeffic
     averaged over the batch it is c * mean((r_c + r_r)^2), which keeps the rewards centred
     on zero (the pairwise term alone fixes only their differences).
     Soft labels (probs (B,): p, the probability that the labeled-chosen response is better):
-    l = -[p log sigmoid(d) + (1 - p) log sigmoid(-d)], d = r_c - r_r - m; p = 1 (a gold pair)
-    gives the hard loss exactly.
+    l = -[p log sigmoid(r_c - r_r - m) + (1 - p) log sigmoid(r_r - r_c - m)]: the margin asks
+    the same lead of whichever response is better; p = 1 (a gold pair) gives the hard loss
+    exactly.
     chosen_rewards, rejected_rewards: (B,); margins: (B,) or None (m = 0). Returns (B,).
     """
     chosen, rejected = chosen_rewards.float(), rejected_rewards.float()
@@ -39,7 +40,8 @@ def pairwise_loss(chosen_rewards, rejected_rewards, margins=None, center_coeffic
         diff = diff - margins
     loss = -F.logsigmoid(diff)
     if probs is not None:
-        loss = probs * loss + (1 - probs) * -F.logsigmoid(-diff)
+        reverse = rejected - chosen - margins if margins is not None else rejected - chosen
+        loss = probs * loss + (1 - probs) * -F.logsigmoid(reverse)
     if center_coefficient:
         loss = loss + center_coefficient * (chosen + rejected) ** 2
     return loss

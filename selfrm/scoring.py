@@ -53,7 +53,8 @@ def score_encoded(model, encoded, pad_id, label_ids, world, batch_size=32, amp_d
                 if token_ids is not None:
                     logits = model(input_ids, attention_mask, attention_mask.sum(1) - 1, token_ids=token_ids)
                     probs = logits.float().softmax(-1)  # (2B, 2): p_A, p_B
-                    values = torch.stack([probs[0::2, 0], probs[1::2, 1]], 1)  # a1 in slot A; a1 in slot B
+                    p_first, p_second = probs[0::2, 0], probs[1::2, 1]  # P(a1 > a2) with a1 in slot A; in slot B
+                    values = torch.stack([(p_first + p_second) / 2, p_first, p_second], 1)
                 else:
                     rewards = model(input_ids, attention_mask).float()
                     values = torch.stack([torch.sigmoid(rewards[0::2] - rewards[1::2]), rewards[0::2], rewards[1::2]], 1)
@@ -69,10 +70,9 @@ def score_encoded(model, encoded, pad_id, label_ids, world, batch_size=32, amp_d
             model(idle, torch.ones_like(idle), torch.zeros(2, dtype=torch.long, device=device), token_ids=token_ids)
         else:
             model(idle, torch.ones_like(idle))
-    width = 2 if token_ids is not None else 3
-    merged = np.array(dist.gather_shards([results[i] for i in shard], world), dtype=np.float64).reshape(len(encoded), width)
+    merged = np.array(dist.gather_shards([results[i] for i in shard], world), dtype=np.float64).reshape(len(encoded), 3)
     if token_ids is not None:
-        return {"prob_a": (merged[:, 0] + merged[:, 1]) / 2, "prob_a_orders": merged}
+        return {"prob_a": merged[:, 0], "prob_a_orders": merged[:, 1:]}
     return {"prob_a": merged[:, 0], "reward_a": merged[:, 1], "reward_b": merged[:, 2]}
 
 

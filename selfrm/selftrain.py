@@ -18,7 +18,7 @@ from selfrm import dist, settings
 from selfrm.data import Encoder, Pair, example_length
 from selfrm.files import (Locked, dump_json, dump_jsonl, fingerprint, lock, publish_together, read_json,
                           remove_leftovers, write_json)
-from selfrm.filters import (calibrated, confidence, confidence_filter, consistent_filter, fit_temperature, learning_status,
+from selfrm.filters import (T_BOUNDS, calibrated, confidence, confidence_filter, consistent_filter, fit_temperature, learning_status,
                             logit, longer_share, order_disagreement, pseudo_label, stable_labels, status_needed,
                             temperature_nll)
 from selfrm.metrics import accuracy, bin_index, calibration
@@ -64,6 +64,12 @@ def changed_settings(saved, current, also_ignored=()):
             if k not in RUN_INDEPENDENT and k not in also_ignored and saved.get(k) != current.get(k)]
 
 
+def saved_settings(path, cfg):
+    """A run's settings.json; a setting it does not record (added to selfrm since the run
+    began) as its default, which is how that run behaved."""
+    return {**settings.to_dict(type(cfg)()), **read_json(path)}
+
+
 def _claim(cfg, inputs):
     os.makedirs(cfg.out_dir, exist_ok=True)
     _LOCKS.append(lock(cfg.out_dir))
@@ -78,7 +84,7 @@ def _claim(cfg, inputs):
             path = os.path.join(cfg.out_dir, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     elif os.path.exists(settings_path):
-        saved, current = read_json(settings_path), settings.to_dict(cfg)
+        saved, current = saved_settings(settings_path, cfg), settings.to_dict(cfg)
         changed = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed_settings(saved, current, {"rounds"})]
         if changed:
             raise SettingsError(f"{cfg.out_dir} holds a run with other settings ({'; '.join(changed[:3])}): {start_over}")
@@ -112,7 +118,7 @@ def finished_run(cfg, demo=False):
     if not os.path.isfile(path):
         return None
     try:
-        manifest, saved = read_json(path), read_json(os.path.join(cfg.out_dir, "settings.json"))
+        manifest, saved = read_json(path), saved_settings(os.path.join(cfg.out_dir, "settings.json"), cfg)
         rounds = manifest["rounds"]
     except (OSError, ValueError, KeyError, TypeError):
         return None  # claim_out_dir says what is wrong with it
@@ -369,6 +375,12 @@ def relabel(cfg, world, model, tokenizer, pool, encoded=None, temperature=1.0, p
     if cuts:  # tokenized here (label.py): how many rows were over --max_length
         summary["truncated"] = cuts["truncated"]
     status = None
+    stable = None if previous is None else stable_labels(labels, previous)
+    allowed = None  # --keep_stable: the pairs whose label did not flip
+    if stable is not None:
+        summary["flipped"] = sum(s is False for s in stable) if any(p is not None for p in previous) else None
+        if keep_stable:
+            allowed = np.array([s is not False for s in stable], dtype=bool)
     if cfg.filter == "confidence":
         keep = confidence_filter(prob_a, cfg.threshold)
         summary["threshold"] = cfg.threshold
@@ -378,18 +390,14 @@ def relabel(cfg, world, model, tokenizer, pool, encoded=None, temperature=1.0, p
     elif cfg.filter == "status":
         score_a, score_b = sigmoid(scores["reward_a"] / temperature), sigmoid(scores["reward_b"] / temperature)
         result = learning_status(score_a, score_b, cfg.tau_high, cfg.tau_low, cfg.tau_delta,
-                                 cfg.status_min_count, cfg.status_min_fraction, cfg.status_mode)
+                                 cfg.status_min_count, cfg.status_min_fraction, cfg.status_mode, allowed)
         keep, status = result.keep, result.status
         summary.update(status_met=result.met, status1_count=result.status1_count,
                        status2_count=result.status2_count, status_needed=result.needed)
     else:
         keep = np.ones(len(pool), dtype=bool)
-    stable = None
-    if previous is not None:
-        stable = stable_labels(labels, previous)
-        summary["flipped"] = sum(s is False for s in stable) if any(p is not None for p in previous) else None
-        if keep_stable:
-            keep = keep & np.array([s is not False for s in stable], dtype=bool)
+    if allowed is not None:
+        keep = keep & allowed
     summary.update(kept=int(keep.sum()), kept_share=float(keep.mean()) if len(pool) else 0.0)
     summary["longer_share_kept"] = longer_share_of(tokenizer, [chosen_rejected(u.response_a, u.response_b, l)
                                                               for u, l, k in zip(pool, labels, keep) if k])
@@ -523,7 +531,8 @@ def run_self_training(cfg, world, labeled, pool, eval_pairs=None, inputs=None):
             record.update(fit_calibration(cfg, world, model, tokenizer, calibration_set))
         finish_round(cfg, world, manifest, record, model, tokenizer, evaluation, start)
 
-    selected = {}  # SER: pool index -> pseudo-label, accumulated over rounds
+    selected = {}  # SER: pool index -> (pseudo-label, its probability), accumulated over rounds
+    last_labels = None  # the pool's labels of the last round this process labeled
     for t in range(1, cfg.rounds + 1):
         if rounds[-1].get("status") == "converged":
             break
@@ -541,12 +550,13 @@ def run_self_training(cfg, world, labeled, pool, eval_pairs=None, inputs=None):
                 model = scoring_model(cfg, world, last_model(cfg, rounds))[0]
             rows, summary = relabel(cfg, world, model, tokenizer, [pool[i] for i in remaining],
                                     ([pool_ids[i] for i in remaining], label_ids), last_temperature(rounds),
-                                    previous_labels(cfg, t, remaining), cfg.keep_stable)
+                                    previous_labels(cfg, t, remaining, last_labels), cfg.keep_stable)
             for row, i in zip(rows, remaining):
                 row["pool_index"] = i
             summary["longer_share_labeled"] = longer_labeled
             if world.master:
                 write_rows_and_summary(pool_file, rows, summary)
+        last_labels = labels_of(rows)
         record = {"round": t, "pool_size": len(remaining), "kept": summary["kept"],
                   "pool_accuracy": summary.get("pseudo_label_accuracy"),
                   **{k: summary[k] for k in ("order_disagreement", "flipped", "longer_share_kept", "longer_share_labeled")
@@ -610,18 +620,31 @@ def read_jsonl(path):
 
 
 def read_selected(rows_or_path):
-    """{pool index: (pseudo-label, its confidence)} of the kept rows of a labeled round."""
+    """{pool index: (pseudo-label, P(the response it names is better))} of the kept rows of a
+    labeled round; the probability is the (calibrated) P(a1 > a2) or 1 minus it, whatever
+    chose the label (the argmax, or a gold label with --label_source=gold)."""
     rows = read_jsonl(rows_or_path) if isinstance(rows_or_path, str) else rows_or_path
-    return {row["pool_index"]: (row["pseudo_label"], row["confidence"]) for row in rows if row["keep"]}
+    selected = {}
+    for row in rows:
+        if row["keep"]:
+            p_a = row.get("prob_a_calibrated", row["prob_a"])
+            selected[row["pool_index"]] = (row["pseudo_label"], p_a if row["pseudo_label"] == "a" else 1.0 - p_a)
+    return selected
 
 
-def previous_labels(cfg, t, remaining):
+def labels_of(rows):
+    """{pool index: pseudo-label} of a labeled round's rows."""
+    return {row["pool_index"]: row["pseudo_label"] for row in rows}
+
+
+def previous_labels(cfg, t, remaining, last):
     """The pseudo-label each pool pair in `remaining` got in round t - 1 (None in round 1,
-    which has no previous labeling), read back from that round's pool file."""
+    which has no previous labeling): from `last` (labels_of that round's rows, kept in memory
+    on every rank), or read back from its pool file when this process did not label it."""
     if t < 2:
         return [None] * len(remaining)
-    labels = {row["pool_index"]: row["pseudo_label"] for row in read_jsonl(os.path.join(round_dir(cfg, t - 1), "pool.jsonl"))}
-    return [labels.get(i) for i in remaining]
+    last = last if last is not None else labels_of(read_jsonl(os.path.join(round_dir(cfg, t - 1), "pool.jsonl")))
+    return [last.get(i) for i in remaining]
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -631,15 +654,23 @@ def hold_out_for_calibration(cfg, labeled):
     labeled pairs chosen with the run's seed leave training (every round) to fit T on."""
     if cfg.calibrate != "temperature":
         return labeled, []
+    check_calibration_pairs(cfg, len(labeled))
     n = cfg.calibration_pairs
-    if n > len(labeled):
-        raise SettingsError(f"--calibration_pairs={n}: there are only {len(labeled)} labeled pairs to hold out; "
-                            f"lower --calibration_pairs")
-    if n == len(labeled) and not cfg.skip_initial_training:
-        raise SettingsError(f"--calibration_pairs={n} holds out {n} of the {len(labeled)} labeled pairs: none would "
-                            f"be left to train round 0 on; lower --calibration_pairs")
     held = set(np.random.default_rng([cfg.seed, 2000]).permutation(len(labeled))[:n].tolist())
     return [p for i, p in enumerate(labeled) if i not in held], [labeled[i] for i in sorted(held)]
+
+
+def check_calibration_pairs(cfg, n_labeled):
+    """--calibration_pairs must leave labeled pairs to train round 0 on."""
+    n = cfg.calibration_pairs
+    if cfg.calibrate != "temperature":
+        return
+    if n > n_labeled:
+        raise SettingsError(f"--calibration_pairs={n}: there are only {n_labeled} labeled pairs to hold out; "
+                            f"lower --calibration_pairs")
+    if n == n_labeled and not cfg.skip_initial_training:
+        raise SettingsError(f"--calibration_pairs={n} holds out {n} of the {n_labeled} labeled pairs: none would "
+                            f"be left to train round 0 on; lower --calibration_pairs")
 
 
 def fit_calibration(cfg, world, model, tokenizer, calibration_set):
@@ -649,9 +680,13 @@ def fit_calibration(cfg, world, model, tokenizer, calibration_set):
     z = pair_logits(score(cfg, world, model, tokenizer, encoded, "calibrate"))
     t = fit_temperature(z)
     report = {"pairs": len(pairs), "nll_before": temperature_nll(z, 1.0), "nll_after": temperature_nll(z, t),
-              "ece_before": calibration(calibrated(z, 1.0))["ece"], "ece_after": calibration(calibrated(z, t))["ece"]}
+              "ece_before": calibration(calibrated(z, 1.0))["ece"], "ece_after": calibration(calibrated(z, t))["ece"],
+              "at_bound": t in T_BOUNDS}
     dist.print0(f"temperature T = {t:.4f} on {len(pairs)} held-out pairs: NLL {report['nll_before']:.4f} -> "
                 f"{report['nll_after']:.4f}, ECE {report['ece_before']:.4f} -> {report['ece_after']:.4f}")
+    if report["at_bound"]:
+        dist.print0(f"warning: T = {t} is a bound of its range {T_BOUNDS}: the held-out pairs do not pin it "
+                    f"(every one ranked right drives T to {T_BOUNDS[0]}); more --calibration_pairs would")
     return {"temperature": t, "calibration": report}
 
 

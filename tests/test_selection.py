@@ -1,8 +1,8 @@
 """Selection rules beyond the two papers (issue 21): order consistency, temperature
 calibration, stability across rounds, soft labels and the length report. Each is checked
 against a hand computation, and each run-level test fails when its rule is made a no-op."""
+import dataclasses
 import json
-import math
 import os
 
 import numpy as np
@@ -17,8 +17,9 @@ from conftest import write_jsonl
 from selfrm import selftrain, toy
 from selfrm.data import Encoder, UnlabeledPair, load_pairs
 from selfrm.dist import Dist
-from selfrm.filters import (calibrated, confidence_filter, consistent_filter, fit_temperature, longer_share,
-                            order_disagreement, temperature_nll)
+from selfrm.filters import (T_BOUNDS, calibrated, confidence_filter, consistent_filter, fit_temperature,
+                            learning_status, longer_share, order_disagreement, temperature_nll)
+from selfrm.metrics import calibration
 from selfrm.losses import pairwise_loss, srm_loss
 from selfrm.modeling import load_model
 from selfrm.scoring import score_encoded
@@ -124,8 +125,11 @@ def test_fit_temperature_finds_the_minimum_and_never_raises_the_nll():
     nll = lambda u: np.mean(np.log1p(np.exp(-z / u)))  # by hand
     assert temperature_nll(z, t) == pytest.approx(nll(t), rel=1e-12)
     assert nll(t) <= min(nll(t * 1.01), nll(t / 1.01))
-    # nothing to fit: T = 1
+    # nothing to fit: T = 1; every pair ranked right: the NLL falls towards T = 0, T stops at its bound
     assert fit_temperature([]) == 1.0 and fit_temperature([0.0, 0.0]) == 1.0
+    assert fit_temperature([0.5, 1.0, 2.0, 0.3]) == T_BOUNDS[0] == 0.05
+    with pytest.raises(ValueError, match="1 of 3 pair logits are not finite"):
+        fit_temperature([1.0, np.nan, 2.0])
     # a calibrated model: the fitted T is close to 1 and its NLL is no higher than T = 1's
     z1 = np.where(rng.random(s.size) < sigmoid(s), s, -s)
     assert abs(fit_temperature(z1) - 1) < 0.05 and temperature_nll(z1, fit_temperature(z1)) <= temperature_nll(z1, 1.0)
@@ -150,6 +154,26 @@ def test_temperature_one_reproduces_the_uncalibrated_labels_exactly(monkeypatch)
     rows, _ = relabel_with(monkeypatch, pm_scores(ORDERS), "pm", fake_pool(5), filter="confidence", temperature=0.5)
     p = np.mean(ORDERS, 1)
     np.testing.assert_allclose([r["prob_a_calibrated"] for r in rows], sigmoid(2 * np.log(p / (1 - p))), rtol=1e-9)
+
+
+def test_consistent_and_status_filters_read_the_calibrated_probability(monkeypatch):
+    # orders (0.95, 0.45) disagree; P = 0.70; at T = 0.5, P_T = sigmoid(2 logit(0.7)) = 0.845 passes 0.8
+    # (0.8, 0.7) agree, P = 0.75 fails 0.8, P_T = 0.9 passes
+    orders = [[0.95, 0.45], [0.9, 0.8], [0.8, 0.7]]
+    confident, _ = relabel_with(monkeypatch, pm_scores(orders), "pm", fake_pool(3), filter="confidence", temperature=0.5)
+    consistent, _ = relabel_with(monkeypatch, pm_scores(orders), "pm", fake_pool(3), filter="consistent", temperature=0.5)
+    plain, _ = relabel_with(monkeypatch, pm_scores(orders), "pm", fake_pool(3), filter="consistent")
+    assert [r["keep"] for r in confident] == [True, True, True]
+    assert [r["keep"] for r in consistent] == [False, True, True] and [r["keep"] for r in plain] == [False, True, False]
+    assert consistent[0]["confidence"] == pytest.approx(0.7 ** 2 / (0.7 ** 2 + 0.3 ** 2))
+    # SER: status 1 needs one p > 0.55 and the other < 0.45; r = +-0.3 gives 0.574 / 0.426 at T = 1,
+    # 0.537 / 0.463 at T = 2 (no status 1)
+    r_a, r_b = np.array([0.3, 0.3]), np.array([-0.3, -0.3])
+    scores = {"prob_a": sigmoid(r_a - r_b), "reward_a": r_a, "reward_b": r_b}
+    status = dict(filter="status", status_min_count=2, tau_delta=0.5)
+    _, s1 = relabel_with(monkeypatch, scores, "rm", fake_pool(2), **status)
+    _, s2 = relabel_with(monkeypatch, scores, "rm", fake_pool(2), temperature=2.0, **status)
+    assert (s1["status_met"], s1["status1_count"]) == ("status1", 2) and (s2["status_met"], s2["status1_count"]) == ("converged", 0)
 
 
 def test_label_py_applies_and_records_the_temperature(tmp_path, rm_folder, loop_files):
@@ -191,7 +215,7 @@ def test_calibrated_run_holds_out_fits_and_labels_with_t(tmp_path, rm_folder, lo
     lab = uneven_lengths(tmp_path, [json.loads(line) for line in open(loop_files[0])])
     cfg = make(TrainSettings, model=rm_folder, model_type="rm", train_file=lab, unlabeled_file=loop_files[1],
                out_dir=str(tmp_path / "run"), rounds=1, calibrate="temperature", calibration_pairs=12, threshold=0.52,
-               **FAST)
+               soft_labels=True, **FAST)
     rounds = train.main(cfg)
     labeled = load_pairs(lab)
     train0 = seen[0]
@@ -210,6 +234,8 @@ def test_calibrated_run_holds_out_fits_and_labels_with_t(tmp_path, rm_folder, lo
     assert report["nll_before"] == pytest.approx(np.mean(np.log1p(np.exp(-z))), rel=1e-5)
     assert report["nll_after"] == pytest.approx(np.mean(np.log1p(np.exp(-z / t))), rel=1e-5)
     assert report["nll_after"] <= report["nll_before"] and t != 1.0
+    assert report["ece_before"] == pytest.approx(calibration(sigmoid(z))["ece"], abs=1e-5)
+    assert report["ece_after"] == pytest.approx(calibration(sigmoid(z / t))["ece"], abs=1e-5)
     assert "temperature" in rounds[1] and "calibration" in rounds[1]
     # round 1 labeled the pool with round 0's T
     pool_rows = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "round_1", "pool.jsonl"))]
@@ -219,6 +245,9 @@ def test_calibrated_run_holds_out_fits_and_labels_with_t(tmp_path, rm_folder, lo
     cal = np.array([r["prob_a_calibrated"] for r in pool_rows])
     np.testing.assert_allclose(cal, sigmoid(np.log(p / (1 - p)) / t), atol=1e-5)
     assert [r["keep"] for r in pool_rows] == (np.maximum(cal, 1 - cal) >= 0.52).tolist()
+    # 4 with 2: round 1 trains each kept pair towards its calibrated probability
+    kept = [r for r in pool_rows if r["keep"]]
+    assert [p.prob for p in seen[1][36:]] == [max(r["prob_a_calibrated"], 1 - r["prob_a_calibrated"]) for r in kept]
     # 5: the length report; the labeled share over round 0's training pairs, in words (the toy tokenizer's tokens)
     longer = [len(p.chosen.split()) > len(p.rejected.split()) for p in train0
               if len(p.chosen.split()) != len(p.rejected.split())]
@@ -249,6 +278,41 @@ def test_stable_rule_drops_every_flipped_pair(monkeypatch):
     assert all(r["keep"] for r in rows) and all(r["stable"] is None for r in rows) and summary["flipped"] is None
     rows, _ = relabel_with(monkeypatch, pm_scores(orders), "pm", fake_pool(5))  # label.py: no previous round
     assert "stable" not in rows[0]
+
+
+def test_status_with_keep_stable_counts_only_pairs_that_did_not_flip(monkeypatch):
+    a, b = np.array([0.9, 0.9, 0.1, 0.8]), np.array([0.1, 0.2, 0.9, 0.3])  # status 1 for all four
+    assert learning_status(a, b, min_count=4).met == "status1"
+    r = learning_status(a, b, min_count=4, eligible=np.array([True, True, False, True]))
+    assert r.met == "converged" and r.status1_count == 3 and not r.keep.any()
+    r = learning_status(a, b, min_count=3, eligible=np.array([True, True, False, True]))
+    assert r.met == "status1" and r.keep.tolist() == [True, True, False, True]
+    logit = lambda p: np.log(p / (1 - p))
+    scores = {"prob_a": sigmoid(logit(a) - logit(b)), "reward_a": logit(a), "reward_b": logit(b)}
+    rows, summary = relabel_with(monkeypatch, scores, "rm", fake_pool(4), filter="status", status_min_count=4,
+                                 previous=["a", "a", "a", "a"], keep_stable=True)  # pair 2 (label b) flipped
+    assert summary["status_met"] == "converged" and summary["kept"] == 0
+
+
+def test_the_last_round_gives_the_temperature_and_the_previous_labels(tmp_path):
+    rounds = [{"round": 0, "temperature": 2.0}, {"round": 1}, {"round": 2, "temperature": 0.5}, {"round": 3, "status": "converged"}]
+    assert selftrain.last_temperature(rounds) == 0.5 and selftrain.last_temperature([{"round": 0}]) == 1.0
+    cfg = make(TrainSettings, model_type="rm", out_dir=str(tmp_path))
+    for t, labels in ((1, "aaaaa"), (2, "bbabb")):  # round 2 labeled pool pairs 0..4, round 3 only 1, 3, 4 remain
+        rows = [{"pool_index": i, "pseudo_label": l} for i, l in enumerate(labels)]
+        write_jsonl(tmp_path / f"round_{t}" / "pool.jsonl", rows) if (tmp_path / f"round_{t}").mkdir() is None else None
+    assert selftrain.previous_labels(cfg, 1, [0, 1], None) == [None, None]
+    assert selftrain.previous_labels(cfg, 3, [1, 3, 4], None) == ["b", "b", "b"]  # by pool index, from round 2's file
+    assert selftrain.previous_labels(cfg, 2, [2, 4], None) == ["a", "a"]
+    assert selftrain.previous_labels(cfg, 3, [2, 4], {2: "b", 4: "a"}) == ["b", "a"]  # in memory: no file read
+
+
+def test_soft_probability_is_that_of_the_label_given_also_for_gold_labels():
+    rows = [{"pool_index": 0, "keep": True, "pseudo_label": "a", "prob_a": 0.9},
+            {"pool_index": 1, "keep": True, "pseudo_label": "b", "prob_a": 0.9},  # a gold label against the model
+            {"pool_index": 2, "keep": True, "pseudo_label": "b", "prob_a": 0.3, "prob_a_calibrated": 0.2},
+            {"pool_index": 3, "keep": False, "pseudo_label": "a", "prob_a": 0.6}]
+    assert selftrain.read_selected(rows) == {0: ("a", 0.9), 1: ("b", pytest.approx(0.1)), 2: ("b", 0.8)}
 
 
 LOOP = dict(FAST, rounds=2, threshold=0.505)  # a weak model: its confidences straddle 0.505 and labels flip
@@ -287,6 +351,9 @@ def test_soft_pairwise_loss_by_hand_and_p_one_is_the_hard_loss_bit_for_bit():
     hard = pairwise_loss(c, r, margins=torch.tensor([0.1, 0.0, -0.2]), center_coefficient=0.01)
     soft = pairwise_loss(c, r, margins=torch.tensor([0.1, 0.0, -0.2]), center_coefficient=0.01, probs=torch.ones(3))
     assert torch.equal(hard, soft)
+    m = torch.tensor([0.5, 0.5, 0.5])  # with a margin, the better response of either label must lead by m
+    hand = -(p.double() * F.logsigmoid(d - 0.5) + (1 - p.double()) * F.logsigmoid(-d - 0.5))
+    assert torch.allclose(pairwise_loss(c, r, margins=m, probs=p).double(), hand, atol=1e-6)
     g_hard = torch.autograd.grad(hard.sum(), [c, r])
     g_soft = torch.autograd.grad(soft.sum(), [c, r])
     assert all(torch.equal(a, b) for a, b in zip(g_hard, g_soft))
@@ -330,21 +397,49 @@ def test_longer_share_by_hand(monkeypatch):
     assert summary["longer_share_kept"] == pytest.approx(2 / 3)
 
 
-def test_soft_labels_reach_the_training_loss(tmp_path, rm_folder):
-    """One step on 8 pairs of p = 0.6: the logged loss is the soft loss of the initial model's
-    rewards, computed here from the plain forward (and not the hard loss)."""
+@pytest.mark.parametrize("kind", ["rm", "pm"])
+def test_soft_labels_reach_the_training_loss(tmp_path, kind, pm_folder, rm_folder):
+    """One step on 8 pairs of p = 0.6: the logged loss is the soft loss of the initial model,
+    computed here from the plain forward (and not the hard loss)."""
+    folder = rm_folder if kind == "rm" else pm_folder
     rows = toy.make_pairs(3, 8)
     pairs = [selftrain.Pair([USER(r["prompt"])], r["chosen"], r["rejected"], prob=0.6) for r in rows]
-    cfg = make(TrainSettings, model=rm_folder, model_type="rm", out_dir=str(tmp_path), soft_labels=True, max_steps=1,
+    cfg = make(TrainSettings, model=folder, model_type=kind, out_dir=str(tmp_path), soft_labels=True, max_steps=1,
                global_batch_size=8, micro_batch_size=8, log_every=1, lr=1e-3, warmup_steps=0)
-    _, _, summary = selftrain.train_run(cfg, Dist(), pairs, str(tmp_path / "run"), rm_folder, score=False)
-    model, tokenizer = load_model(cfg, rm_folder)
+    _, _, summary = selftrain.train_run(cfg, Dist(), pairs, str(tmp_path / "run"), folder, score=False)
+    model, tokenizer = load_model(cfg, folder)
     model.eval()
-    examples = Encoder(tokenizer, "rm", cfg.max_length).encode_train(pairs, None)
+    encoder = Encoder(tokenizer, kind, cfg.max_length)
+    examples = encoder.encode_train(pairs, selftrain.placement(cfg, len(pairs), 0))
     with torch.no_grad():
-        reward = lambda ids: model(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)).item()
-        d = np.array([reward(e["chosen_ids"]) - reward(e["rejected_ids"]) for e in examples])
-    log_sig = lambda x: -np.log1p(np.exp(-x))
-    soft = np.mean(-(0.6 * log_sig(d) + 0.4 * log_sig(-d)))
+        if kind == "rm":
+            reward = lambda ids: model(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)).item()
+            d = np.array([reward(e["chosen_ids"]) - reward(e["rejected_ids"]) for e in examples])
+            log_right, log_wrong = -np.log1p(np.exp(-d)), -np.log1p(np.exp(d))
+        else:  # log pi over the whole vocabulary at the label position, of the label and of the other token
+            a, b = encoder.label_ids["A"], encoder.label_ids["B"]
+            log_pi = [model.hf(torch.tensor([e["input_ids"]])).logits[0, -1].double().log_softmax(-1) for e in examples]
+            log_right = np.array([lp[e["label"]].item() for lp, e in zip(log_pi, examples)])
+            log_wrong = np.array([lp[b if e["label"] == a else a].item() for lp, e in zip(log_pi, examples)])
+    soft = np.mean(-(0.6 * log_right + 0.4 * log_wrong))
     assert summary["train_loss"] == pytest.approx(soft, rel=1e-5)
-    assert abs(np.mean(-log_sig(d)) - soft) > 1e-3  # the hard loss differs: the test can tell them apart
+    assert abs(np.mean(-log_right) - soft) > 1e-3  # the hard loss differs: the test can tell them apart
+
+
+def test_settings_errors_of_the_demo_come_before_any_write(tmp_path):
+    out = tmp_path / "demo"
+    with pytest.raises(SettingsError, match="--calibration_pairs=250 holds out 250 of the 250 labeled pairs"):
+        train.main(train.settings_from_argv(["--calibrate=temperature", "--calibration_pairs=250", f"--out_dir={out}"]))
+    assert not out.exists()
+
+
+def test_a_run_saved_before_a_setting_existed_still_resumes(tmp_path):
+    """settings.json of a run from before these rules: it lacks them, and they were off."""
+    cfg = make(TrainSettings, model_type="rm", out_dir=str(tmp_path))
+    saved = {k: v for k, v in dataclasses.asdict(cfg).items()
+             if k not in ("calibrate", "calibration_pairs", "keep_stable", "soft_labels")}
+    (tmp_path / "settings.json").write_text(json.dumps(saved))
+    (tmp_path / "manifest.json").write_text(json.dumps({"final_model": "model", "rounds": [{"round": 0}]}))
+    assert selftrain.finished_run(cfg) == "model"
+    selftrain.claim_out_dir(cfg, Dist(), {})  # no "other settings" error
+    assert selftrain.finished_run(make(TrainSettings, model_type="rm", out_dir=str(tmp_path), soft_labels=True)) is None
