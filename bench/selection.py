@@ -4,9 +4,10 @@
     python bench/selection.py [--seeds=0,1,2] [--workers=2] [--variants=demo,few_labels]
 
 Each run is `python train.py` on the demo's files (selfrm/toy.py, the demo's settings, 3
-rounds) with one rule's flags; a rule's row is the mean ± std over seeds of the last round's
-eval accuracy, its gain over round 0, the pseudo-label accuracy and the kept share of the
-last round, the mean order disagreement over the labeled rounds (pm), and the fitted T.
+rounds) with one rule's flags; a rule's row is the mean ± std over seeds of the last trained
+round's eval accuracy, its gain over round 0, the accuracy of its training pseudo-labels and
+the kept share of its labeling, the mean order disagreement over the labeled rounds (pm), and
+the fitted T.
 
 Variants:
   demo        the demo as `python train.py` runs it: 250 labeled pairs, a pool of 2250.
@@ -100,6 +101,7 @@ def summarize(rounds_of_seeds):
     def stat(values):
         values = [v for v in values if v is not None]
         return [float(np.mean(values)), float(np.std(values))] if values else None
+    # the last round that trained a model (a SER round that converged trains none)
     last = [rounds[-1] if rounds[-1].get("eval_accuracy") is not None else rounds[-2] for rounds in rounds_of_seeds]
     labeled = [[r for r in rounds if r["round"] > 0] for rounds in rounds_of_seeds]
     return {
@@ -108,7 +110,7 @@ def summarize(rounds_of_seeds):
         "gain": stat([r["eval_accuracy"] - rounds[0]["eval_accuracy"] for r, rounds in zip(last, rounds_of_seeds)]),
         "round0_accuracy": stat([rounds[0]["eval_accuracy"] for rounds in rounds_of_seeds]),
         "pseudo_label_accuracy": stat([r.get("pseudo_label_accuracy") for r in last]),
-        "kept_share": stat([rs[-1]["kept"] / rs[-1]["pool_size"] for rs in labeled if rs]),
+        "kept_share": stat([r["kept"] / r["pool_size"] for r in last if r["round"] > 0]),
         "order_disagreement": stat([float(np.mean([r["order_disagreement"] for r in rs])) for rs in labeled
                                     if rs and "order_disagreement" in rs[0]]),
         "temperature_round0": stat([rounds[0].get("temperature") for rounds in rounds_of_seeds]),
