@@ -18,9 +18,9 @@ from selfrm import dist, settings
 from selfrm.data import Encoder, Pair, example_length
 from selfrm.files import (Locked, dump_json, dump_jsonl, fingerprint, lock, publish_together, read_json,
                           remove_leftovers, write_json)
-from selfrm.filters import (T_BOUNDS, calibrated, confidence, confidence_filter, consistent_filter, fit_temperature, learning_status,
-                            logit, longer_share, order_disagreement, pseudo_label, stable_labels, status_needed,
-                            temperature_nll)
+from selfrm.filters import (T_BOUNDS, calibrated, confidence, confidence_filter, consistent_filter, fit_temperature,
+                            learning_status, logit, longer_share, order_disagreement, pseudo_label, stable_labels,
+                            status_needed, temperature_nll)
 from selfrm.metrics import accuracy, bin_index, calibration
 from selfrm.modeling import add_lora, has_adapters, load_model, load_tokenizer, store_frozen
 from selfrm.scoring import score_encoded, sigmoid
