@@ -100,23 +100,21 @@ def pair_attention(segment_ids, position_ids, window=None):
     return (allowed | pad_self)[:, None]
 
 
-def as_attention_input(allowed, attention, dtype):
-    """sdpa takes the bool mask as it is; eager adds a float mask to the scores: 0 where
-    allowed, the most negative value of the compute dtype elsewhere."""
-    if attention == "sdpa":
-        return allowed
+def additive(allowed, dtype):
+    """The mask as sdpa and eager attention both add it to the scores: 0 where allowed, the
+    most negative value of the compute dtype elsewhere. Built once for all layers (sdpa would
+    turn a bool mask into this in every layer)."""
     return torch.zeros((), dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def decoder_masks(config, segment_ids, position_ids, dtype):
     """The attention_mask argument of a SHARED_ARCHITECTURES decoder for the layout: one
     tensor, or a dict by layer type (the sliding layers with config.sliding_window)."""
-    attention = config._attn_implementation
     window = getattr(config, "sliding_window", None)
     if SHARED_ARCHITECTURES[config.model_type] == "one":
-        return as_attention_input(pair_attention(segment_ids, position_ids, window), attention, dtype)
-    return {"full_attention": as_attention_input(pair_attention(segment_ids, position_ids), attention, dtype),
-            "sliding_attention": as_attention_input(pair_attention(segment_ids, position_ids, window), attention, dtype)}
+        return additive(pair_attention(segment_ids, position_ids, window), dtype)
+    return {"full_attention": additive(pair_attention(segment_ids, position_ids), dtype),
+            "sliding_attention": additive(pair_attention(segment_ids, position_ids, window), dtype)}
 
 
 def compute_dtype(backbone, device_type):

@@ -59,9 +59,8 @@ def test_layout_mask_and_positions_by_hand():
     window = sharing.pair_attention(batch["segment_ids"], batch["position_ids"], window=2)[0, 0].int().tolist()
     assert window[5] == [0, 0, 1, 0, 0, 1]  # position 3 sees position 2 (column 2), not column 4
     assert window[4] == [0, 0, 0, 1, 1, 0]
-    eager = sharing.as_attention_input(sharing.pair_attention(batch["segment_ids"], batch["position_ids"]), "eager",
-                                       torch.bfloat16)
-    assert eager.dtype == torch.bfloat16 and eager[0, 0, 5, 4] == torch.finfo(torch.bfloat16).min
+    mask = sharing.additive(sharing.pair_attention(batch["segment_ids"], batch["position_ids"]), torch.bfloat16)
+    assert mask.dtype == torch.bfloat16 and mask[0, 0, 5, 4] == torch.finfo(torch.bfloat16).min and mask[0, 0, 5, 2] == 0
 
 
 # ----------------------------------------------------------------------------- the same numbers
@@ -101,10 +100,11 @@ def test_shared_scores_equal_separate_sequences(arch, kind):
         np.testing.assert_allclose(shared[key], unshared[key], **EXACT)
 
 
-def test_bf16_autocast_keeps_gemma2_finite_and_close():
-    """Gemma-2 (eager: a float mask in the compute dtype) under bf16 autocast: no NaN from the
-    pad rows, and the rewards of separate sequences up to bf16 rounding."""
-    model = tiny_model("gemma2", "rm", 64, 0)
+@pytest.mark.parametrize("arch", ["gemma2", "llama3"])
+def test_bf16_autocast_stays_finite_and_close(arch):
+    """Under bf16 autocast (the mask in bf16, eager for Gemma-2, sdpa for Llama): no NaN from
+    the pad rows, and the rewards of separate sequences up to bf16 rounding."""
+    model = tiny_model(arch, "rm", 64, 0)
     encoded = multi_turn_pairs(6, 2)
     run = lambda share: score_encoded(model, encoded, 0, None, Dist(), 4, torch.bfloat16, share_prefix=share)
     unshared, shared = run(False), run(True)
