@@ -93,11 +93,14 @@ def pair_attention(segment_ids, position_ids, window=None):
     width = segment_ids.shape[1]
     query, key = segment_ids[:, :, None], segment_ids[:, None, :]
     causal = torch.ones(width, width, dtype=torch.bool, device=segment_ids.device).tril()
-    allowed = causal & (query >= 0) & (key >= 0) & ((key == 0) | (key == query))
+    allowed = (key == query) | (key == 0)  # (B, T, T); in place from here on: few such tensors at a time
+    allowed &= causal
+    allowed &= key >= 0
+    allowed &= query >= 0
     if window is not None:
         allowed &= (position_ids[:, :, None] - position_ids[:, None, :]) < window
-    pad_self = torch.eye(width, dtype=torch.bool, device=segment_ids.device) & (query < 0)
-    return (allowed | pad_self)[:, None]
+    allowed.diagonal(dim1=1, dim2=2).logical_or_(segment_ids < 0)  # a pad query sees itself
+    return allowed[:, None]
 
 
 def additive(allowed, dtype):
