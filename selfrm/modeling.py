@@ -26,7 +26,7 @@ from selfrm import toy
 from selfrm.dist import print0
 from selfrm.files import atomic_dir, read_json
 from selfrm.settings import SettingsError
-from selfrm.sharing import compute_dtype, decoder_masks
+from selfrm.sharing import compute_dtype, decoder_masks, split_attention_on
 
 
 class PreferenceModel(nn.Module):
@@ -79,6 +79,7 @@ def backbone_states(hf, input_ids, attention_mask, segment_ids=None, position_id
     position ids."""
     backbone = getattr(hf, hf.base_model_prefix)
     if segment_ids is not None:
+        split_attention_on(hf.config)
         attention_mask = decoder_masks(hf.config, segment_ids, position_ids,
                                        compute_dtype(backbone, input_ids.device.type))
     return backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

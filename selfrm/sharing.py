@@ -21,7 +21,11 @@ custom mask per layer type: the architectures of SHARED_ARCHITECTURES, under sdp
 attention. An encoder (BERT, MiniLM) attends both ways, so its prefix states depend on the
 suffix: nothing can be shared.
 """
+import sys
+
 import torch
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from selfrm.dist import print0
 from selfrm.settings import SettingsError
@@ -112,12 +116,96 @@ def additive(allowed, dtype):
 
 def decoder_masks(config, segment_ids, position_ids, dtype):
     """The attention_mask argument of a SHARED_ARCHITECTURES decoder for the layout: one
-    tensor, or a dict by layer type (the sliding layers with config.sliding_window)."""
+    tensor, or a dict by layer type (the sliding layers with config.sliding_window). Each
+    mask carries its split plan (split_plan) for split_attention."""
     window = getattr(config, "sliding_window", None)
+    mask = lambda w: with_split_plan(additive(pair_attention(segment_ids, position_ids, w), dtype), segment_ids)
     if SHARED_ARCHITECTURES[config.model_type] == "one":
-        return additive(pair_attention(segment_ids, position_ids, window), dtype)
-    return {"full_attention": additive(pair_attention(segment_ids, position_ids), dtype),
-            "sliding_attention": additive(pair_attention(segment_ids, position_ids, window), dtype)}
+        return mask(window)
+    return {"full_attention": mask(None), "sliding_attention": mask(window)}
+
+
+# ----------------------------------------------------------------------------- split attention
+# sdpa and eager compute every score of a row, masked or not: (P + S1 + S2)^2 per row, more
+# than the 2 (P + S)^2 of two separate sequences when P is short. Split, the scores computed
+# are (P + S1)^2 (the prefix and suffix 1: the row's first columns) plus S2 (P + S2) (suffix 2's
+# queries against the prefix and suffix 2, gathered): never more than separate sequences.
+# Each part goes through the model's own attention (sdpa, or its eager with Gemma-2's
+# soft-capping), with the matching part of the mask; the first shared forward wraps the
+# model's attention implementation (split_attention_on), which passes every other call
+# through unchanged.
+
+SPLIT = "selfrm_split:"  # the wrapped implementations' names: SPLIT + "sdpa" | "eager"
+
+
+def split_plan(mask, segment_ids):
+    """How to split a layout's attention. first: the columns of part 1 (the longest prefix +
+    suffix 1 of the batch); query_cols (B, S2): the columns of suffix 2's queries (pad slots:
+    the dummy column T); key_cols (B, P + S2): its keys, the prefix then suffix 2; mask_1,
+    mask_2: the mask's parts (mask_2 gathered: a pad slot attends to key 0 so that no query
+    row is fully masked)."""
+    width = segment_ids.shape[1]
+    prefix, first, second = ((segment_ids == s).sum(1, keepdim=True) for s in (0, 1, 2))
+    start = prefix + first
+    j = torch.arange(int(second.max()), device=segment_ids.device)[None]
+    m = torch.arange(int((prefix + second).max()), device=segment_ids.device)[None]
+    query_cols = torch.where(j < second, start + j, width)
+    key_cols = torch.where(m < prefix, m, start + m - prefix).clamp(max=width - 1)
+    rows = mask[:, 0].gather(1, query_cols.clamp(max=width - 1)[:, :, None].expand(-1, -1, width))
+    mask_2 = rows.gather(2, key_cols[:, None, :].expand(-1, j.shape[1], -1))
+    mask_2.masked_fill_(~(m < prefix + second)[:, None, :], torch.finfo(mask.dtype).min)
+    mask_2[:, :, 0].masked_fill_(~(j < second), 0)
+    part_1 = int(start.max())
+    return {"first": part_1, "query_cols": query_cols, "key_cols": key_cols,
+            "mask_1": mask[:, :, :part_1, :part_1], "mask_2": mask_2[:, None]}
+
+
+def with_split_plan(mask, segment_ids):
+    """The mask, carrying its split plan as an attribute: transformers passes a ready 4D mask
+    (or a dict's entries) through to the attention function as the same tensor object."""
+    mask.split_plan = split_plan(mask, segment_ids)
+    return mask
+
+
+def split_attention(module, query, key, value, attention_mask, **kwargs):
+    """An attention function (transformers' interface: query (B, H, T, D), key and value
+    (B, H_kv, T, D) -> output (B, T, H, D), weights) that computes a layout's attention in the
+    two parts above through the wrapped implementation, and any other call through it whole."""
+    inner = wrapped_attention(module)
+    plan = getattr(attention_mask, "split_plan", None)
+    if plan is None:
+        return inner(module, query, key, value, attention_mask, **kwargs)
+    width, part_1 = query.shape[2], plan["first"]
+    first, _ = inner(module, query[:, :, :part_1], key[:, :, :part_1], value[:, :, :part_1], plan["mask_1"], **kwargs)
+    gather = lambda t, cols: t.gather(2, cols[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
+    queries = plan["query_cols"].clamp(max=width - 1)
+    second, _ = inner(module, gather(query, queries), gather(key, plan["key_cols"]), gather(value, plan["key_cols"]),
+                      plan["mask_2"], **kwargs)
+    # part 1's outputs, then suffix 2's written over its columns (pad slots into a dummy column T)
+    out = torch.cat([first, first.new_zeros(first.shape[0], width + 1 - part_1, *first.shape[2:])], 1)
+    index = plan["query_cols"][:, :, None, None].expand(-1, -1, *second.shape[2:])
+    return out.scatter(1, index, second)[:, :width], None
+
+
+def wrapped_attention(module):
+    """The implementation split_attention wraps: sdpa, or the eager function of the module's
+    own modeling file (Gemma-2's soft-caps its scores)."""
+    name = module.config._attn_implementation.removeprefix(SPLIT)
+    if name == "sdpa":
+        return ALL_ATTENTION_FUNCTIONS["sdpa"]
+    return sys.modules[type(module).__module__].eager_attention_forward
+
+
+def split_attention_on(config):
+    """Make the model's attention split_attention (once; masks for other calls as before)."""
+    name = config._attn_implementation
+    if not name.startswith(SPLIT):
+        config._attn_implementation = SPLIT + name
+
+
+for _name in MASKABLE_ATTENTION:
+    AttentionInterface.register(SPLIT + _name, split_attention)
+    AttentionMaskInterface.register(SPLIT + _name, ALL_MASK_ATTENTION_FUNCTIONS[_name])
 
 
 def compute_dtype(backbone, device_type):
@@ -139,8 +227,9 @@ def unsupported_reason(config):
     if arch not in SHARED_ARCHITECTURES:
         return (f"{arch} is not one of the architectures where it is exact and tested "
                 f"({', '.join(SHARED_ARCHITECTURES)})")
-    if config._attn_implementation not in MASKABLE_ATTENTION:
-        return f"{arch} runs {config._attn_implementation} attention, which takes no custom mask (sdpa and eager do)"
+    attention = config._attn_implementation.removeprefix(SPLIT)
+    if attention not in MASKABLE_ATTENTION:
+        return f"{arch} runs {attention} attention, which takes no custom mask (sdpa and eager do)"
     return None
 
 

@@ -40,6 +40,19 @@ def both_ways(model, encoded, pad_id, label_ids):
 
 # ----------------------------------------------------------------------------- the layout by hand
 
+def test_split_plan_by_hand():
+    """Split attention's parts of the layout below: part 1 the first 5 columns (row 0's prefix
+    and suffix 1), suffix 2's queries at column 5 (row 0) and 2 (row 1, then a pad slot), their
+    keys the prefix then suffix 2."""
+    batch = sharing.pack_pairs([([5, 6, 7, 8, 9], [5, 6, 7, 3]), ([1, 2], [1, 2])], 0, sharing.last_token)
+    mask = sharing.additive(sharing.pair_attention(batch["segment_ids"], batch["position_ids"]), torch.float32)
+    plan = sharing.split_plan(mask, batch["segment_ids"])
+    assert plan["first"] == 5
+    assert plan["query_cols"].tolist() == [[5], [2]]
+    assert plan["key_cols"].tolist() == [[0, 1, 2, 5], [0, 2, 3, 4]]  # 3, 4: pads, masked
+    assert (plan["mask_2"][:, 0] == 0).tolist() == [[[True, True, True, True]], [[True, True, False, False]]]
+
+
 def test_layout_mask_and_positions_by_hand():
     """Prefix [5 6 7], suffixes [8 9] and [3]: suffix 2 restarts at position 3 and sees the
     prefix and itself, never suffix 1; a window of 2 counts positions, not columns."""
@@ -91,11 +104,18 @@ def multi_turn_pairs(n, seed):
 
 @pytest.mark.parametrize("arch", ["llama3", "gemma2", "mistral", "qwen2"])
 @pytest.mark.parametrize("kind", ["rm", "pm"])
-def test_shared_scores_equal_separate_sequences(arch, kind):
+def test_shared_scores_equal_separate_sequences(arch, kind, monkeypatch):
+    """The same numbers; the shared path ran (each context once) and split its attention in two
+    calls per layer (10 pairs, batches of 4: 3 forwards of 2 layers)."""
     model = tiny_model(arch, kind, 64, 0)
+    calls = []
+    wrapped = sharing.wrapped_attention
+    monkeypatch.setattr(sharing, "wrapped_attention",
+                        lambda module: lambda *args, **kwargs: calls.append(1) or wrapped(module)(*args, **kwargs))
     unshared, shared, n_unshared, n_shared = both_ways(model, multi_turn_pairs(10, 1), 0,
                                                        {"A": 7, "B": 8} if kind == "pm" else None)
-    assert n_shared < 0.75 * n_unshared  # the shared path ran: each context once
+    assert n_shared < 0.75 * n_unshared
+    assert len(calls) == 2 * 3 * 2
     for key in unshared:
         np.testing.assert_allclose(shared[key], unshared[key], **EXACT)
 
