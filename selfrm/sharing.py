@@ -83,11 +83,6 @@ def pack_pairs(pairs, pad_id, read_at):
     return batch
 
 
-def unshared_tokens(pairs):
-    """Tokens two separate sequences per pair hold; the layout holds sum(len 1 + len 2 - P)."""
-    return sum(len(a) + len(b) for a, b in pairs)
-
-
 # ----------------------------------------------------------------------------- the mask
 
 def pair_attention(segment_ids, position_ids, window=None):
@@ -116,55 +111,51 @@ def additive(allowed, dtype):
 
 def decoder_masks(config, segment_ids, position_ids, dtype):
     """The attention_mask argument of a SHARED_ARCHITECTURES decoder for the layout: one
-    tensor, or a dict by layer type (the sliding layers with config.sliding_window). Each
-    mask carries its split plan (split_plan) for split_attention."""
+    mask, or a dict by layer type (the sliding layers with config.sliding_window); each is
+    split_plan's, for split_attention."""
     window = getattr(config, "sliding_window", None)
-    mask = lambda w: with_split_plan(additive(pair_attention(segment_ids, position_ids, w), dtype), segment_ids)
     if SHARED_ARCHITECTURES[config.model_type] == "one":
-        return mask(window)
-    return {"full_attention": mask(None), "sliding_attention": mask(window)}
+        return split_plan(segment_ids, position_ids, window, dtype)
+    return {"full_attention": split_plan(segment_ids, position_ids, None, dtype),
+            "sliding_attention": split_plan(segment_ids, position_ids, window, dtype)}
 
 
 # ----------------------------------------------------------------------------- split attention
 # sdpa and eager compute every score of a row, masked or not: (P + S1 + S2)^2 per row, more
 # than the 2 (P + S)^2 of two separate sequences when P is short. Split, the scores computed
 # are (P + S1)^2 (the prefix and suffix 1: the row's first columns) plus S2 (P + S2) (suffix 2's
-# queries against the prefix and suffix 2, gathered): never more than separate sequences.
-# Each part goes through the model's own attention (sdpa, or its eager with Gemma-2's
-# soft-capping), with the matching part of the mask; the first shared forward wraps the
-# model's attention implementation (split_attention_on), which passes every other call
-# through unchanged.
+# queries against the prefix and suffix 2, gathered): never more than separate sequences, and
+# the row's whole (T, T) mask is never built. Each part goes through the model's own attention
+# (sdpa, or its eager with Gemma-2's soft-capping); the first shared forward wraps the model's
+# attention implementation (split_attention_on), which passes every other call through.
 
 SPLIT = "selfrm_split:"  # the wrapped implementations' names: SPLIT + "sdpa" | "eager"
 
 
-def split_plan(mask, segment_ids):
-    """How to split a layout's attention. first: the columns of part 1 (the longest prefix +
-    suffix 1 of the batch); query_cols (B, S2): the columns of suffix 2's queries (pad slots:
-    the dummy column T); key_cols (B, P + S2): its keys, the prefix then suffix 2; mask_1,
-    mask_2: the mask's parts (mask_2 gathered: a pad slot attends to key 0 so that no query
-    row is fully masked)."""
+def split_plan(segment_ids, position_ids, window, dtype):
+    """Part 1's additive mask (B, 1, F, F): pair_attention on the first F columns, F the batch's
+    longest prefix + suffix 1. It carries the plan of part 2 (attribute split_plan; transformers
+    passes a ready 4D mask, or a dict's entries, to the attention function as the same tensor):
+    query_cols (B, S2), the columns of suffix 2's queries (pad slots: a dummy column T);
+    key_cols (B, P + S2), its keys, the prefix then suffix 2, whose positions are their indices
+    m (the query j's is P + j); mask_2 (B, 1, S2, P + S2), additive: m <= P + j, m a key of
+    the row, P + j - m < window (a pad slot attends to key 0: no query row fully masked)."""
     width = segment_ids.shape[1]
     prefix, first, second = ((segment_ids == s).sum(1, keepdim=True) for s in (0, 1, 2))
     start = prefix + first
-    j = torch.arange(int(second.max()), device=segment_ids.device)[None]
-    m = torch.arange(int((prefix + second).max()), device=segment_ids.device)[None]
-    query_cols = torch.where(j < second, start + j, width)
-    key_cols = torch.where(m < prefix, m, start + m - prefix).clamp(max=width - 1)
-    rows = mask[:, 0].gather(1, query_cols.clamp(max=width - 1)[:, :, None].expand(-1, -1, width))
-    mask_2 = rows.gather(2, key_cols[:, None, :].expand(-1, j.shape[1], -1))
-    mask_2.masked_fill_(~(m < prefix + second)[:, None, :], torch.finfo(mask.dtype).min)
-    mask_2[:, :, 0].masked_fill_(~(j < second), 0)
     part_1 = int(start.max())
-    return {"first": part_1, "query_cols": query_cols, "key_cols": key_cols,
-            "mask_1": mask[:, :, :part_1, :part_1], "mask_2": mask_2[:, None]}
-
-
-def with_split_plan(mask, segment_ids):
-    """The mask, carrying its split plan as an attribute: transformers passes a ready 4D mask
-    (or a dict's entries) through to the attention function as the same tensor object."""
-    mask.split_plan = split_plan(mask, segment_ids)
-    return mask
+    mask_1 = additive(pair_attention(segment_ids[:, :part_1], position_ids[:, :part_1], window), dtype)
+    j = torch.arange(int(second.max()), device=segment_ids.device)[None]
+    m = torch.arange(int((prefix + second).max()), device=segment_ids.device)[None, None]
+    query_position = (prefix + j)[:, :, None]
+    allowed = (m <= query_position) & (m < (prefix + second)[:, :, None])
+    if window is not None:
+        allowed &= query_position - m < window
+    allowed[:, :, 0] |= j >= second
+    mask_1.split_plan = {"query_cols": torch.where(j < second, start + j, width),
+                         "key_cols": torch.where(m[0] < prefix, m[0], start + m[0] - prefix).clamp(max=width - 1),
+                         "mask_2": additive(allowed[:, None], dtype)}
+    return mask_1
 
 
 def split_attention(module, query, key, value, attention_mask, **kwargs):
@@ -175,8 +166,8 @@ def split_attention(module, query, key, value, attention_mask, **kwargs):
     plan = getattr(attention_mask, "split_plan", None)
     if plan is None:
         return inner(module, query, key, value, attention_mask, **kwargs)
-    width, part_1 = query.shape[2], plan["first"]
-    first, _ = inner(module, query[:, :, :part_1], key[:, :, :part_1], value[:, :, :part_1], plan["mask_1"], **kwargs)
+    width, part_1 = query.shape[2], attention_mask.shape[-1]
+    first, _ = inner(module, query[:, :, :part_1], key[:, :, :part_1], value[:, :, :part_1], attention_mask, **kwargs)
     gather = lambda t, cols: t.gather(2, cols[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
     queries = plan["query_cols"].clamp(max=width - 1)
     second, _ = inner(module, gather(query, queries), gather(key, plan["key_cols"]), gather(value, plan["key_cols"]),

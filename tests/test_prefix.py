@@ -2,7 +2,6 @@
 probabilities as separate sequences on every supported architecture and on real text, the
 same training (one process, DDP, FSDP), and --share_prefix's settings."""
 import json
-import os
 
 import numpy as np
 import pytest
@@ -45,12 +44,18 @@ def test_split_plan_by_hand():
     and suffix 1), suffix 2's queries at column 5 (row 0) and 2 (row 1, then a pad slot), their
     keys the prefix then suffix 2."""
     batch = sharing.pack_pairs([([5, 6, 7, 8, 9], [5, 6, 7, 3]), ([1, 2], [1, 2])], 0, sharing.last_token)
-    mask = sharing.additive(sharing.pair_attention(batch["segment_ids"], batch["position_ids"]), torch.float32)
-    plan = sharing.split_plan(mask, batch["segment_ids"])
-    assert plan["first"] == 5
+    whole = sharing.additive(sharing.pair_attention(batch["segment_ids"], batch["position_ids"]), torch.float32)
+    mask_1 = sharing.split_plan(batch["segment_ids"], batch["position_ids"], None, torch.float32)
+    assert torch.equal(mask_1, whole[:, :, :5, :5])
+    plan = mask_1.split_plan
     assert plan["query_cols"].tolist() == [[5], [2]]
     assert plan["key_cols"].tolist() == [[0, 1, 2, 5], [0, 2, 3, 4]]  # 3, 4: pads, masked
     assert (plan["mask_2"][:, 0] == 0).tolist() == [[[True, True, True, True]], [[True, True, False, False]]]
+    # each suffix-2 query sees in the gathered keys what it sees in the whole mask
+    for b, (queries, keys) in enumerate(zip(plan["query_cols"], plan["key_cols"])):
+        assert torch.equal(plan["mask_2"][b, 0, 0, :2], whole[b, 0, queries[0], keys[:2]])
+    windowed = sharing.split_plan(batch["segment_ids"], batch["position_ids"], 2, torch.float32).split_plan
+    assert (windowed["mask_2"][0, 0] == 0).tolist() == [[False, False, True, True]]  # position 3 sees 2 and itself
 
 
 def test_layout_mask_and_positions_by_hand():
