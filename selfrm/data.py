@@ -17,6 +17,7 @@ import torch
 
 from selfrm.dist import print0
 from selfrm.settings import InputError
+from selfrm.sharing import last_non_pad, pack_pairs
 from selfrm.templates import ChatTemplate, context_parts, join, pm_parts, segment_tokens
 
 ROLES = ("system", "user", "assistant")
@@ -617,13 +618,19 @@ def collate_pm(examples, pad_id):
             "labels": torch.tensor([e["label"] for e in examples], dtype=torch.long)}
 
 
-def collate_rm(examples, pad_id):
+def collate_rm(examples, pad_id, share_prefix=False):
     """-> input_ids, attention_mask (2B, T): the B chosen sequences, then the B rejected
-    ones, so one forward scores both; margins (B,)."""
-    seqs = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
-    input_ids, attention_mask = pad_right(seqs, pad_id)
-    return {"input_ids": input_ids, "attention_mask": attention_mask,
-            "margins": torch.tensor([e["margin"] for e in examples], dtype=torch.float32)}
+    ones, so one forward scores both; margins (B,). With share_prefix, one row per pair in
+    the shared-prefix layout of selfrm/sharing.py (chosen = sequence 1): input_ids,
+    position_ids, segment_ids (B, T) and read_positions (B, 2) in place of the first two."""
+    if share_prefix:
+        batch = pack_pairs([(e["chosen_ids"], e["rejected_ids"]) for e in examples], pad_id, last_non_pad)
+    else:
+        seqs = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
+        input_ids, attention_mask = pad_right(seqs, pad_id)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    batch["margins"] = torch.tensor([e["margin"] for e in examples], dtype=torch.float32)
+    return batch
 
 
 def example_length(example):

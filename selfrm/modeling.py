@@ -26,6 +26,7 @@ from selfrm import toy
 from selfrm.dist import print0
 from selfrm.files import atomic_dir, read_json
 from selfrm.settings import SettingsError
+from selfrm.sharing import compute_dtype, decoder_masks, split_attention_on
 
 
 class PreferenceModel(nn.Module):
@@ -45,9 +46,11 @@ class PreferenceModel(nn.Module):
         """The module the wrapper calls: the peft model under LoRA, else the HF model."""
         return self.lm
 
-    def forward(self, input_ids, attention_mask, label_positions, token_ids=None):
+    def forward(self, input_ids, attention_mask, label_positions, token_ids=None, segment_ids=None, position_ids=None):
         """Next-token logits at label_positions, fp32: (B, V), or (B, len(token_ids)) when only
-        the columns of `token_ids` (e.g. the ids of `A` and `B`) are wanted.
+        the columns of `token_ids` (e.g. the ids of `A` and `B`) are wanted. In the shared-prefix
+        layout (selfrm/sharing.py: segment_ids and position_ids given, attention_mask unused)
+        label_positions is (B, 2) and the logits (2B, ...) are row 0's two sequences, then row 1's.
 
         The backbone runs on the whole sequence; the LM's own forward then runs on the label
         positions' hidden states only, so its head and whatever the architecture does to its
@@ -55,16 +58,32 @@ class PreferenceModel(nn.Module):
         apply exactly as in a full forward, without the (B, T, V) logits of one."""
         hf = self.hf
         backbone = getattr(hf, hf.base_model_prefix)
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        label_hidden = hidden[torch.arange(hidden.size(0), device=hidden.device), label_positions]
+        hidden = backbone_states(hf, input_ids, attention_mask, segment_ids, position_ids)
+        rows = torch.arange(hidden.size(0), device=hidden.device)
+        if label_positions.dim() == 2:  # two sequences per row
+            rows = rows.repeat_interleave(2)
+        label_hidden = hidden[rows, label_positions.reshape(-1)]
         setattr(hf, hf.base_model_prefix, _Given(backbone, label_hidden[:, None]))
         try:
-            logits = hf(input_ids=input_ids[:, :1], use_cache=False).logits[:, -1]
+            logits = hf(input_ids=input_ids[rows, :1], use_cache=False).logits[:, -1]
         finally:
             setattr(hf, hf.base_model_prefix, backbone)
         if token_ids is not None:
             logits = logits[:, token_ids]
         return logits.to(torch.float32, copy=True)  # not a view: FSDP2 hooks this output for its backward
+
+
+def backbone_states(hf, input_ids, attention_mask, segment_ids=None, position_ids=None):
+    """The backbone's last hidden states (B, T, H): with the padding mask, or in the shared-prefix
+    layout with its per-pair mask (built on the device, in the compute dtype) and restarting
+    position ids."""
+    backbone = getattr(hf, hf.base_model_prefix)
+    if segment_ids is not None:
+        split_attention_on(hf.config)
+        attention_mask = decoder_masks(hf.config, segment_ids, position_ids,
+                                       compute_dtype(backbone, input_ids.device.type))
+    return backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    use_cache=False).last_hidden_state
 
 
 class _Given(nn.Module):
@@ -103,9 +122,17 @@ class RewardModel(nn.Module):
     def adapted(self):
         return self.model
 
-    def forward(self, input_ids, attention_mask):
-        """(N,) fp32 rewards."""
-        rewards = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+    def forward(self, input_ids, attention_mask=None, segment_ids=None, position_ids=None, read_positions=None):
+        """(N,) fp32 rewards. In the shared-prefix layout (selfrm/sharing.py: segment_ids,
+        position_ids and read_positions (B, 2) given) (B, 2): each row's two sequences' rewards,
+        the classifier's own head applied to the hidden states at read_positions."""
+        if segment_ids is None:
+            rewards = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+        else:
+            hf = self.hf
+            hidden = backbone_states(hf, input_ids, None, segment_ids, position_ids)
+            rows = torch.arange(hidden.size(0), device=hidden.device)[:, None]
+            rewards = hf.score(hidden[rows, read_positions])[..., 0]
         return rewards.to(torch.float32, copy=True)  # not a view: FSDP2 hooks this output for its backward
 
 

@@ -7,6 +7,8 @@ they disagree (one above 0.5, one not) where the model's verdict follows the slo
 response (position bias).
 rm (SPEC 1b): both responses in the same batch; P(a1 > a2) = sigmoid(r1 - r2), and each
 response's score p = sigmoid(r).
+With share_prefix the two sequences of a pair (the two orders; the two responses) are one
+row, their common prefix computed once (selfrm/sharing.py): the same numbers, fewer tokens.
 """
 import math
 import time
@@ -19,20 +21,24 @@ from selfrm import dist
 from selfrm.data import pad_right
 from selfrm.fsdp import is_sharded
 from selfrm.modeling import inner
+from selfrm.sharing import last_non_pad, last_token, pack_pairs, shared_length
 
 
 @torch.inference_mode()
-def score_encoded(model, encoded, pad_id, label_ids, world, batch_size=32, amp_dtype=None, desc="score"):
+def score_encoded(model, encoded, pad_id, label_ids, world, batch_size=32, amp_dtype=None, desc="score",
+                  share_prefix=False):
     """encoded: per pair the two id lists of Encoder.encode_score; label_ids: the ids of `A`
     and `B` for a pm, None for an rm. Returns a dict of numpy
     arrays in pair order: prob_a; for pm prob_a_orders (N, 2), P(a1 > a2) with a1 in slot A
-    and with a1 in slot B; for rm reward_a, reward_b. Each rank scores its
-    strided shard; every rank gets the merged result."""
+    and with a1 in slot B; for rm reward_a, reward_b. Each rank scores its strided shard;
+    every rank gets the merged result. share_prefix: each pair's two sequences in one row,
+    their common prefix computed once (selfrm/sharing.py)."""
     model = inner(model).eval()
     device = world.device
     shard = list(range(world.rank, len(encoded), world.world_size))
     # longest first: batches of similar length, and an out-of-memory shows on the first batch
-    order = sorted(shard, key=lambda i: -max(len(encoded[i][0]), len(encoded[i][1])))
+    length = (lambda a, b: len(a) + len(b) - shared_length(a, b)) if share_prefix else (lambda a, b: max(len(a), len(b)))
+    order = sorted(shard, key=lambda i: -length(*encoded[i]))
     token_ids = torch.tensor([label_ids["A"], label_ids["B"]], device=device) if label_ids else None
     # under FSDP each forward gathers weights from every rank, so every rank runs as many forwards:
     # agreed on here, before any (the agreement is a collective too)
@@ -47,17 +53,14 @@ def score_encoded(model, encoded, pad_id, label_ids, world, batch_size=32, amp_d
         for b in range(0, len(order), batch_size):
             dist.stop_if_preempted(world, f"scoring ({desc})")
             idx = order[b:b + batch_size]
-            seqs = [s for i in idx for s in encoded[i]]  # pair i -> rows 2k (first order / a) and 2k+1
-            input_ids, attention_mask = (t.to(device, non_blocking=True) for t in pad_right(seqs, pad_id))
+            batch = pair_batch([encoded[i] for i in idx], pad_id, token_ids is not None, share_prefix, device)
             with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else torch.autocast(device.type, enabled=False):
                 if token_ids is not None:
-                    logits = model(input_ids, attention_mask, attention_mask.sum(1) - 1, token_ids=token_ids)
-                    probs = logits.float().softmax(-1)  # (2B, 2): p_A, p_B
-                    p_first, p_second = probs[0::2, 0], probs[1::2, 1]  # P(a1 > a2) with a1 in slot A; in slot B
-                    values = torch.stack([(p_first + p_second) / 2, p_first, p_second], 1)
+                    orders = pm_order_probs(model, batch, token_ids)  # P(a1 > a2) with a1 in slot A; in slot B
+                    values = torch.stack([(orders[:, 0] + orders[:, 1]) / 2, orders[:, 0], orders[:, 1]], 1)
                 else:
-                    rewards = model(input_ids, attention_mask).float()
-                    values = torch.stack([torch.sigmoid(rewards[0::2] - rewards[1::2]), rewards[0::2], rewards[1::2]], 1)
+                    rewards = rm_rewards(model, batch)
+                    values = torch.stack([torch.sigmoid(rewards[:, 0] - rewards[:, 1]), rewards[:, 0], rewards[:, 1]], 1)
             for i, v in zip(idx, values.cpu().tolist()):
                 results[i] = v
             bar.update(len(idx))
@@ -74,6 +77,41 @@ def score_encoded(model, encoded, pad_id, label_ids, world, batch_size=32, amp_d
     if token_ids is not None:
         return {"prob_a": merged[:, 0], "prob_a_orders": merged[:, 1:]}
     return {"prob_a": merged[:, 0], "reward_a": merged[:, 1], "reward_b": merged[:, 2]}
+
+
+def pair_batch(pairs, pad_id, pm, share_prefix, device):
+    """The forward inputs of a batch of pairs, on the device: the 2B sequences padded (pair k
+    -> rows 2k and 2k+1), or one row per pair in the shared-prefix layout, read at each
+    sequence's last token (pm: the label position) or last non-pad token (rm: where a
+    sequence classifier reads its score)."""
+    if share_prefix:
+        batch = pack_pairs(pairs, pad_id, last_token if pm else last_non_pad)
+    else:
+        input_ids, attention_mask = pad_right([s for pair in pairs for s in pair], pad_id)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def pm_order_probs(model, batch, token_ids):
+    """(B, 2): p_A of the order (a1, a2) and p_B of the order (a2, a1), each softmaxed over the
+    logits of `A` and `B` at the label position; their mean is P(a1 > a2)."""
+    if "segment_ids" in batch:
+        logits = model(batch["input_ids"], None, batch["read_positions"], token_ids=token_ids,
+                       segment_ids=batch["segment_ids"], position_ids=batch["position_ids"])
+    else:
+        mask = batch["attention_mask"]
+        logits = model(batch["input_ids"], mask, mask.sum(1) - 1, token_ids=token_ids)
+    probs = logits.float().softmax(-1)  # (2B, 2): p_A, p_B of each order
+    return torch.stack([probs[0::2, 0], probs[1::2, 1]], 1)
+
+
+def rm_rewards(model, batch):
+    """(B, 2): the rewards of each pair's two responses."""
+    if "segment_ids" in batch:
+        return model(batch["input_ids"], segment_ids=batch["segment_ids"], position_ids=batch["position_ids"],
+                     read_positions=batch["read_positions"]).float()
+    rewards = model(batch["input_ids"], batch["attention_mask"]).float()
+    return torch.stack([rewards[0::2], rewards[1::2]], 1)
 
 
 def sigmoid(x):

@@ -22,9 +22,10 @@ from selfrm.filters import (T_BOUNDS, calibrated, confidence, confidence_filter,
                             learning_status, logit, longer_share, order_disagreement, pseudo_label, stable_labels,
                             status_needed, temperature_nll)
 from selfrm.metrics import accuracy, bin_index, calibration
-from selfrm.modeling import add_lora, has_adapters, load_model, load_tokenizer, store_frozen
+from selfrm.modeling import add_lora, has_adapters, inner, load_model, load_tokenizer, store_frozen
 from selfrm.scoring import score_encoded, sigmoid
 from selfrm.settings import SettingsError
+from selfrm.sharing import resolve_share_prefix
 from selfrm.fsdp import shard_from_rank0
 from selfrm.trainer import autocast_dtype, global_batches, micro_batches, train
 
@@ -262,10 +263,12 @@ def encode_pool(cfg, tokenizer, pool, counts=None):
 
 
 def score(cfg, world, model, tokenizer, encoded, desc):
-    """score_encoded with the run's device, batch size and autocast; encoded = (ids, label_ids)."""
+    """score_encoded with the run's device, batch size, autocast and --share_prefix; encoded =
+    (ids, label_ids)."""
     ids, label_ids = encoded
+    share_prefix = resolve_share_prefix(cfg.share_prefix, inner(model).hf.config)
     return score_encoded(model.to(world.device), ids, tokenizer.pad_token_id, label_ids, world,
-                         cfg.batch_size, autocast_dtype(cfg, world.device), desc=desc)
+                         cfg.batch_size, autocast_dtype(cfg, world.device), desc=desc, share_prefix=share_prefix)
 
 
 def score_pairs(cfg, world, model, tokenizer, pairs, encoded=None):

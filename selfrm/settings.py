@@ -62,6 +62,7 @@ class ModelSettings:
     bad_rows: str = "error"  # error: a bad row stops the run | skip: report each bad row (file:line: field), go on
     max_length: int = 512  # tokens per sequence; a longer pair has its content cut, never its template
     dtype: str = "auto"  # bf16|fp16|fp32 autocast; auto = bf16 on a CUDA GPU that has it, else fp32
+    share_prefix: str = "auto"  # a pair's two sequences in one row, their common prefix computed once (rm training, rm and pm scoring); auto = on for Llama, Mistral, Qwen2, Gemma-2 (exact there), off otherwise
     seed: int = 0  # one seed for data order, A/B placement, splits and initialisation
     dist_timeout_s: int = 1800  # under torchrun: seconds a collective waits for a rank that stopped answering
 
@@ -171,12 +172,13 @@ CHOICES = {
     "init_from": ("base", "previous"),
     "emit": ("rows", "pairs"),
     "overlong": ("truncate", "drop"),
+    "share_prefix": ("auto", "true", "false"),
 }
 
 # --help lists the settings in these groups, in the order a user needs them (a script shows
 # the groups it has); a setting in no group lands in a last group, "other"
 GROUPS = {
-    "model and data": ("model", "model_type", "gguf_file", "trust_remote_code", "dtype", "train_file",
+    "model and data": ("model", "model_type", "gguf_file", "trust_remote_code", "dtype", "share_prefix", "train_file",
                        "labeled_fraction", "unlabeled_file", "as_unlabeled", "eval_file", "format", "bad_rows",
                        "max_length", "overlong", "preview", "out_file", "predictions_file", "emit", "limit", "plot",
                        "seed"),

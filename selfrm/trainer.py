@@ -27,6 +27,7 @@ from selfrm.fsdp import full_model_state, is_sharded, load_sharded, save_sharded
 from selfrm.losses import pairwise_loss, srm_loss
 from selfrm.modeling import rebuilt, save_model
 from selfrm.settings import SettingsError
+from selfrm.sharing import resolve_share_prefix
 
 
 # ----------------------------------------------------------------------------- plan and schedule
@@ -104,10 +105,19 @@ def pair_losses(model, batch, margin=0.0, center=0.0):
         other = batch["other_labels"]
         correct = label_logits.gather(1, labels[:, None]) > label_logits.gather(1, other[:, None])
         return srm_loss(label_logits, labels, other, batch.get("probs")), correct.squeeze(1)
-    rewards = model(batch["input_ids"], batch["attention_mask"])
-    chosen_rewards, rejected_rewards = rewards.chunk(2)
+    chosen_rewards, rejected_rewards = pair_rewards(model, batch)
     losses = pairwise_loss(chosen_rewards, rejected_rewards, batch["margins"] + margin, center, batch.get("probs"))
     return losses, chosen_rewards > rejected_rewards
+
+
+def pair_rewards(model, batch):
+    """(chosen rewards, rejected rewards), (B,) each, of a collated rm batch in either layout:
+    the 2B sequences stacked (chosen first), or one row per pair with its prefix shared."""
+    if "segment_ids" in batch:
+        rewards = model(batch["input_ids"], segment_ids=batch["segment_ids"], position_ids=batch["position_ids"],
+                        read_positions=batch["read_positions"])
+        return rewards[:, 0], rewards[:, 1]
+    return model(batch["input_ids"], batch["attention_mask"]).chunk(2)
 
 
 def backward_global_batch(model, micro, n_global, collate, world, autocast, scaler, margin=0.0, center=0.0,
@@ -144,14 +154,15 @@ def gradient_sync(model, last):
     return model.no_sync() if isinstance(model, DDP) and not last else nullcontext()
 
 
-def make_collate(model_type, tokenizer, label_ids, soft_labels=False):
-    """The collator of a model kind; soft_labels adds `probs` (B,), each pair's probability
-    that its chosen response is better, which the losses then train towards."""
+def make_collate(model_type, tokenizer, label_ids, share_prefix=False, soft_labels=False):
+    """The collator of a model kind. share_prefix: rm pairs in the shared-prefix layout (a pm
+    trains one order per pair: nothing to share); soft_labels adds `probs` (B,), each pair's
+    probability that its chosen response is better, which the losses then train towards."""
     pad_id = tokenizer.pad_token_id
 
     def collate(examples):
         if model_type == "rm":
-            batch = collate_rm(examples, pad_id)
+            batch = collate_rm(examples, pad_id, share_prefix)
         else:
             batch = collate_pm(examples, pad_id)
             batch["other_labels"] = torch.where(batch["labels"] == label_ids["A"], label_ids["B"], label_ids["A"])
@@ -242,7 +253,8 @@ def train(cfg, model, tokenizer, examples, run_dir, world, settings, label_ids=N
     optimizer = make_optimizer(params, cfg, device)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    collate = make_collate(cfg.model_type, tokenizer, label_ids, cfg.soft_labels)
+    share_prefix = cfg.model_type == "rm" and resolve_share_prefix(cfg.share_prefix, raw_model.hf.config)
+    collate = make_collate(cfg.model_type, tokenizer, label_ids, share_prefix, cfg.soft_labels)
     lengths = [example_length(e) for e in examples]
     tokens_of = [len(e["input_ids"]) if "input_ids" in e else len(e["chosen_ids"]) + len(e["rejected_ids"])
                  for e in examples]
