@@ -415,6 +415,9 @@ class Encoder:
     def __init__(self, tokenizer, model_type, max_length, overlong="truncate"):
         if not tokenizer.is_fast:
             raise ValueError("selfrm needs a fast (Rust) tokenizer: it uses offset mappings to truncate")
+        if not tokenizer("selfrm", add_special_tokens=False)["input_ids"]:  # every pair would be empty
+            raise InputError(f"the tokenizer ({type(tokenizer).__name__}, the class transformers chose for this "
+                             f"model) turns text into no tokens: it does not match the model's tokenizer files")
         self.tokenizer, self.model_type, self.max_length, self.overlong = tokenizer, model_type, max_length, overlong
         self.chat = ChatTemplate(tokenizer) if getattr(tokenizer, "chat_template", None) else None
         self.label_ids = {}

@@ -14,12 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import train
 from conftest import ROOT, free_port, write_jsonl
 from selfrm import selftrain, toy
 from selfrm.data import Encoder, keep_lengths, load_pairs
 from selfrm.dist import Dist
 from selfrm.modeling import load_model, save_model
-from selfrm.settings import EvalSettings, LabelSettings, SettingsError, TrainSettings, make
+from selfrm.settings import EvalSettings, InputError, LabelSettings, SettingsError, TrainSettings, make
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TOLERANCE = dict(rtol=1e-4, atol=1e-5)  # 2 ranks sum gradients in another order than 1 process
@@ -518,3 +519,15 @@ def test_finished_torchrun_runs_exit_0_every_time(tmp_path, pm_folder, loop_file
         done = run(args + extra + [f"--out_dir={tmp_path / str(i)}"], ranks=2, timeout=600)
         assert done.returncode == 0, (i, done.stderr[-3000:])
         assert json.load(open(tmp_path / str(i) / "manifest.json"))["final_model"] == "round_1/model"
+
+
+def test_a_tokenizer_that_makes_no_tokens_is_a_clear_error(real_like, tmp_path, toy_files):
+    """transformers 5 picks the tokenizer class from the model type: the Qwen2 fixture's word-level
+    files read through Qwen2Tokenizer give no tokens at all. Training must say so, not crash in a
+    reshape of empty sequences."""
+    folder = real_like("qwen2", "rm")
+    cfg = make(TrainSettings, model=folder, model_type="rm", train_file=toy_files[0], out_dir=str(tmp_path / "run"),
+               max_steps=1)
+    with pytest.raises(InputError, match="Qwen2Tokenizer, the class transformers chose for this model.*no tokens"):
+        train.main(cfg)
+    assert not os.path.exists(tmp_path / "run")  # said before anything was written
