@@ -253,7 +253,9 @@ def train(cfg, model, tokenizer, examples, run_dir, world, settings, label_ids=N
     optimizer = make_optimizer(params, cfg, device)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    share_prefix = cfg.model_type == "rm" and resolve_share_prefix(cfg.share_prefix, raw_model.hf.config)
+    # resolved for a pm too (it trains one order per pair, unshared): --share_prefix=true on a model that
+    # cannot take the layout is refused here, before round 0 trains, not when the pool is first scored
+    share_prefix = resolve_share_prefix(cfg.share_prefix, raw_model.hf.config) and cfg.model_type == "rm"
     collate = make_collate(cfg.model_type, tokenizer, label_ids, share_prefix, cfg.soft_labels)
     lengths = [example_length(e) for e in examples]
     tokens_of = [len(e["input_ids"]) if "input_ids" in e else len(e["chosen_ids"]) + len(e["rejected_ids"])

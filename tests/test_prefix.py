@@ -83,15 +83,32 @@ def test_layout_mask_and_positions_by_hand():
 
 # ----------------------------------------------------------------------------- the same numbers
 
+# configs where what the layout must keep shows in the numbers: Gemma-2's attention soft-cap at 1 and
+# a query scale that is not head_dim (with q and k scaled up so that scores reach the cap); a Qwen2
+# whose second layer slides a window of 8 over contexts longer than that
+VARIANTS = {"gemma2-capped": ("gemma2", dict(attn_logit_softcapping=1.0, query_pre_attn_scalar=4)),
+            "qwen2-sliding": ("qwen2", dict(use_sliding_window=True, sliding_window=8, max_window_layers=1))}
+
+
 def tiny_model(arch, kind, vocab_size, pad_id):
     torch.manual_seed(0)
-    config = real_like_config(arch, vocab_size, kind)
+    base, overrides = VARIANTS.get(arch, (arch, {}))
+    config = real_like_config(base, vocab_size, kind)
+    if overrides:
+        config = type(config)(**{**{k: v for k, v in config.to_dict().items() if k != "layer_types"}, **overrides})
     config.pad_token_id = pad_id
     if kind == "pm":
         from transformers import AutoModelForCausalLM
-        return PreferenceModel(AutoModelForCausalLM.from_config(config, dtype=torch.float32)).eval()
-    from transformers import AutoModelForSequenceClassification
-    return RewardModel(AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)).eval()
+        model = PreferenceModel(AutoModelForCausalLM.from_config(config, dtype=torch.float32)).eval()
+    else:
+        from transformers import AutoModelForSequenceClassification
+        model = RewardModel(AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)).eval()
+    if arch == "gemma2-capped":
+        with torch.no_grad():
+            for name, weight in model.hf.named_parameters():
+                if name.endswith(("q_proj.weight", "k_proj.weight")):
+                    weight.mul_(20)
+    return model
 
 
 def multi_turn_pairs(n, seed):
@@ -107,7 +124,7 @@ def multi_turn_pairs(n, seed):
     return pairs
 
 
-@pytest.mark.parametrize("arch", ["llama3", "gemma2", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama3", "gemma2", "mistral", "qwen2", "gemma2-capped", "qwen2-sliding"])
 @pytest.mark.parametrize("kind", ["rm", "pm"])
 def test_shared_scores_equal_separate_sequences(arch, kind, monkeypatch):
     """The same numbers; the shared path ran (each context once) and split its attention in two
@@ -121,6 +138,15 @@ def test_shared_scores_equal_separate_sequences(arch, kind, monkeypatch):
                                                        {"A": 7, "B": 8} if kind == "pm" else None)
     assert n_shared < 0.75 * n_unshared
     assert len(calls) == 2 * 3 * 2
+    for key in unshared:
+        np.testing.assert_allclose(shared[key], unshared[key], **EXACT)
+
+
+def test_the_reward_is_read_at_the_last_token_that_is_not_padding():
+    """A pad id that also ends every sequence (4, as an eos used for padding): a sequence
+    classifier reads its score at the last token that is not the pad id, and so must the layout."""
+    model = tiny_model("llama3", "rm", 64, 4)
+    unshared, shared, _, _ = both_ways(model, multi_turn_pairs(10, 3), 4, None)
     for key in unshared:
         np.testing.assert_allclose(shared[key], unshared[key], **EXACT)
 
@@ -240,3 +266,16 @@ def test_share_prefix_setting_names_the_architecture(capsys, rm_folder):
     model, _ = load_model(make(LabelSettings, model=rm_folder, model_type="rm"))
     assert sharing.resolve_share_prefix("false", model.hf.config) is False
     assert sharing.resolve_share_prefix("auto", model.hf.config) is True
+
+
+def test_a_run_resumes_whatever_its_share_prefix(tmp_path):
+    """--share_prefix changes no number beyond 1e-5: a run started with another value (or before
+    the setting existed) is the same run."""
+    from selfrm import selftrain
+    cfg = make(TrainSettings, model_type="rm", out_dir=str(tmp_path), share_prefix="false")
+    saved = {k: v for k, v in make(TrainSettings, model_type="rm", out_dir=str(tmp_path)).__dict__.items()
+             if k != "share_prefix"}
+    (tmp_path / "settings.json").write_text(json.dumps(saved))
+    (tmp_path / "manifest.json").write_text(json.dumps({"final_model": "model", "rounds": [{"round": 0}]}))
+    assert selftrain.finished_run(cfg) == "model"
+    selftrain.claim_out_dir(cfg, Dist(), {})
