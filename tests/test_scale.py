@@ -470,14 +470,14 @@ sys.path.insert(0, sys.argv[1])
 from selfrm import scoring
 import {script} as script
 
-real = scoring.pad_right
-def signalling(seqs, pad_id):  # the notice arrives while the second batch is scored
+real = scoring.pair_batch
+def signalling(*args, **kwargs):  # the notice arrives while the second batch is scored
     signalling.calls += 1
     if signalling.calls == 2 and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 only
         os.kill(os.getpid(), signal.SIGTERM)
-    return real(seqs, pad_id)
+    return real(*args, **kwargs)
 signalling.calls = 0
-scoring.pad_right = signalling
+scoring.pair_batch = signalling
 from selfrm.settings import cli, parse_args, {settings}
 cli(script.main, lambda: parse_args({settings}, sys.argv[2:]))
 """
