@@ -11,7 +11,7 @@ installed, --out_file=M.json also writes M.png (reliability diagram and histogra
 import os
 
 from selfrm import dist
-from selfrm.data import load_pairs
+from selfrm.formats import load_pairs
 from selfrm.files import dump_json, dump_jsonl, publish_together
 from selfrm.metrics import evaluate_scores
 from selfrm.modeling import check_outputs, load_model, resolve_max_length, resolve_model_type

@@ -13,7 +13,7 @@ A summary goes to stdout and to L.summary.json. Works under torchrun (sharded sc
 import json
 
 from selfrm import dist
-from selfrm.data import load_unlabeled
+from selfrm.formats import load_unlabeled
 from selfrm.modeling import check_outputs, load_model, resolve_max_length, resolve_model_type
 from selfrm.selftrain import as_pairs, check_filter, check_gold, relabel, summary_path, write_rows_and_summary
 from selfrm.settings import LabelSettings, SettingsError, cli, parse_args

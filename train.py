@@ -20,7 +20,8 @@ import sys
 import tempfile
 
 from selfrm import dist, toy
-from selfrm.data import Encoder, load_pairs, load_unlabeled, split_labeled
+from selfrm.encoding import Encoder
+from selfrm.formats import load_pairs, load_unlabeled, split_labeled
 from selfrm.modeling import load_tokenizer
 from selfrm.files import read_json, write_json
 from selfrm.selftrain import (check_filter, check_gold, check_calibration_pairs, check_rules_need_pool, claim_out_dir,

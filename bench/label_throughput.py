@@ -22,7 +22,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from selfrm.data import pad_right  # noqa: E402
+from selfrm.sharing import pad_right  # noqa: E402
 from selfrm.dist import Dist  # noqa: E402
 from selfrm.modeling import PreferenceModel  # noqa: E402
 from selfrm.scoring import score_encoded  # noqa: E402

@@ -107,15 +107,15 @@ MUTANTS = [
       (("np.floor(np.round(np.asarray(x, dtype=np.float64) * n_bins, 9))", "np.floor(np.asarray(x, dtype=np.float64) * n_bins)"),)),
     M("M9", "metrics", "selfrm/metrics.py", "ECE: the mean over bins instead of weighted by their counts",
       (("ece += inside.sum() / len(p) * abs(acc - mean_conf)", "ece += abs(acc - mean_conf) / n_bins"),)),
-    # ------------------------------------------------------------------ truncation: data.keep_lengths, Encoder.fit, cut_context
-    M("T1", "truncation", "selfrm/data.py", "a sequence must stay one token under max_length (< instead of <=)",
+    # ------------------------------------------------------------------ truncation: encoding.py's keep_lengths, Encoder.fit, cut_context
+    M("T1", "truncation", "selfrm/encoding.py", "a sequence must stay one token under max_length (< instead of <=)",
       (("sum(min(n_responses[j], L) for j in m) <= max_length", "sum(min(n_responses[j], L) for j in m) < max_length"),)),
-    M("T2", "truncation", "selfrm/data.py", "the level L searched only up to the longest response (a longer context is cut to it)",
+    M("T2", "truncation", "selfrm/encoding.py", "the level L searched only up to the longest response (a longer context is cut to it)",
       (("low, high = 1, max([n_context, *n_responses, 1])", "low, high = 1, max([*n_responses, 1])"),)),
-    M("T3", "truncation", "selfrm/data.py", "the context kept whole: only the responses are levelled",
+    M("T3", "truncation", "selfrm/encoding.py", "the context kept whole: only the responses are levelled",
       (("return all(f + min(n_context, L) + sum(", "return all(f + n_context + sum("),
        ("return min(n_context, low), [min(n, low) for n in n_responses]", "return n_context, [min(n, low) for n in n_responses]"))),
-    M("T4", "truncation", "selfrm/data.py", "tokens left over by the level go to the responses in order (placement decides)",
+    M("T4", "truncation", "selfrm/encoding.py", "tokens left over by the level go to the responses in order (placement decides)",
       (("    return min(n_context, low), [min(n, low) for n in n_responses]\n",
         "    keep = [min(n, low) for n in n_responses]\n"
         "    for j in range(len(keep)):  # use the leftover budget, first response first\n"
@@ -123,11 +123,11 @@ MUTANTS = [
         "                                                <= max_length for f, m in zip(fixed, members)):\n"
         "            keep[j] += 1\n"
         "    return min(n_context, low), keep\n"),)),
-    M("T5", "truncation", "selfrm/data.py", "a cut response loses one token more than its share (cut before its last kept token)",
+    M("T5", "truncation", "selfrm/encoding.py", "a cut response loses one token more than its share (cut before its last kept token)",
       (("[:spans[j][n - 1][1]] if n < n_responses[j]", "[:spans[j][n - 1][0]] if n < n_responses[j]"),)),
-    M("T6", "truncation", "selfrm/data.py", "context cut one token short (off by one)",
+    M("T6", "truncation", "selfrm/encoding.py", "context cut one token short (off by one)",
       (("content, drop = content[tokens[drop][0]:], 0", "content, drop = content[tokens[drop - 1][0]:], 0"),)),
-    M("T7", "truncation", "selfrm/data.py", "whole turns dropped from the newest end",
+    M("T7", "truncation", "selfrm/encoding.py", "whole turns dropped from the newest end",
       (("kept = prompt[k:]", "kept = prompt[:len(prompt) - k]"),)),
     # ------------------------------------------------------------------ scoring.py
     M("S1", "scoring", "selfrm/scoring.py", "pm read one token before the label position",
@@ -143,7 +143,7 @@ MUTANTS = [
       (("torch.sigmoid(rewards[0::2] - rewards[1::2])", "torch.sigmoid(rewards[1::2] - rewards[0::2])"),)),
     M("S6", "scoring", "selfrm/scoring.py", "rm: reward_a and reward_b swapped in the output",
       (("rewards[0::2] - rewards[1::2]), rewards[0::2], rewards[1::2]]", "rewards[0::2] - rewards[1::2]), rewards[1::2], rewards[0::2]]"),)),
-    # ------------------------------------------------------------------ trainer.py (and the collator it reads)
+    # ------------------------------------------------------------------ trainer.py (the loop and its collators)
     M("R1", "trainer", "selfrm/trainer.py", "accumulation: each micro-batch's mean loss",
       (("scaler.scale(losses.sum() * (weight * world.world_size / n_global)).backward()",
         "scaler.scale(losses.mean() * weight).backward()"),)),
@@ -170,9 +170,9 @@ MUTANTS = [
       (('batch["margins"] + margin', 'batch["margins"] - margin'),)),
     M("R14", "trainer", "selfrm/trainer.py", "gradients never zeroed between steps",
       (("        optimizer.zero_grad(set_to_none=True)\n", ""),)),
-    M("R15", "trainer", "selfrm/data.py", "pm collator: label position one token early",
+    M("R15", "trainer", "selfrm/trainer.py", "pm collator: label position one token early",
       (('"label_positions": attention_mask.sum(1) - 1,', '"label_positions": attention_mask.sum(1) - 2,'),)),
-    M("R16", "trainer", "selfrm/data.py", "pm training label: A where the chosen response is placed B",
+    M("R16", "trainer", "selfrm/encoding.py", "pm training label: A where the chosen response is placed B",
       (('"label": self.label_ids["B" if s else "A"]', '"label": self.label_ids["A" if s else "B"]'),)),
     # ------------------------------------------------------------------ selftrain.py
     M("ST1", "selftrain", "selfrm/selftrain.py", "every round continues from the last model (--init_from ignored)",

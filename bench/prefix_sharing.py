@@ -32,12 +32,13 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaForS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from selfrm.data import Encoder, collate_rm, load_pairs  # noqa: E402
+from selfrm.encoding import Encoder  # noqa: E402
+from selfrm.formats import load_pairs  # noqa: E402
 from selfrm.dist import Dist  # noqa: E402
 from selfrm.modeling import PreferenceModel, RewardModel  # noqa: E402
 from selfrm.scoring import score_encoded  # noqa: E402
 from selfrm.sharing import shared_length  # noqa: E402
-from selfrm.trainer import backward_global_batch  # noqa: E402
+from selfrm.trainer import backward_global_batch, collate_rm  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
 FILES = {"HH-RLHF harmless": "hh-rlhf-harmless-base-test.jsonl.gz", "UltraFeedback": "ultrafeedback-binarized-1k-train.jsonl"}

@@ -25,7 +25,7 @@ from transformers import LlamaConfig, LlamaForSequenceClassification
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from selfrm import toy, trainer  # noqa: E402
-from selfrm.data import pad_right  # noqa: E402
+from selfrm.sharing import pad_right  # noqa: E402
 from selfrm.dist import Dist  # noqa: E402
 from selfrm.modeling import RewardModel  # noqa: E402
 from selfrm.settings import TrainSettings, make  # noqa: E402

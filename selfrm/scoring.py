@@ -18,10 +18,9 @@ import torch
 from tqdm import tqdm
 
 from selfrm import dist
-from selfrm.data import pad_right
 from selfrm.fsdp import is_sharded
 from selfrm.modeling import inner
-from selfrm.sharing import last_non_pad, last_token, pack_pairs, shared_length
+from selfrm.sharing import last_non_pad, last_token, pack_pairs, pad_right, shared_length
 
 
 @torch.inference_mode()

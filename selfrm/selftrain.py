@@ -15,19 +15,20 @@ import numpy as np
 import torch
 
 from selfrm import dist, settings
-from selfrm.data import Encoder, Pair, example_length
+from selfrm.encoding import Encoder
 from selfrm.files import (Locked, dump_json, dump_jsonl, fingerprint, lock, publish_together, read_json,
                           remove_leftovers, write_json)
 from selfrm.filters import (T_BOUNDS, calibrated, confidence, confidence_filter, consistent_filter, fit_temperature,
                             learning_status, logit, longer_share, order_disagreement, pseudo_label, stable_labels,
                             status_needed, temperature_nll)
+from selfrm.formats import Pair
 from selfrm.metrics import accuracy, bin_index, calibration
 from selfrm.modeling import add_lora, has_adapters, inner, load_model, load_tokenizer, store_frozen
 from selfrm.scoring import score_encoded, sigmoid
 from selfrm.settings import SettingsError
 from selfrm.sharing import resolve_share_prefix
 from selfrm.fsdp import shard_from_rank0
-from selfrm.trainer import autocast_dtype, global_batches, micro_batches, train
+from selfrm.trainer import autocast_dtype, example_length, global_batches, micro_batches, train
 
 # settings that do not change what a run computes: a resumed run may differ in these
 RUN_INDEPENDENT = {"resume", "overwrite", "log_every", "save_every", "batch_size", "out_dir", "preview",

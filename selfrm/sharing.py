@@ -1,7 +1,7 @@
-"""The shared-prefix layout: the two sequences of a pair in one row, their common prefix
-computed once.
+"""Both batch layouts of a pair's two sequences: padded (pad_right: one row per sequence,
+padded on the right to the longest), and shared-prefix (one row, the common prefix once).
 
-A pair's two sequences (rm: chosen and rejected; pm scoring: the two orders) agree up to
+Shared-prefix: the two (rm: chosen and rejected; pm scoring: the two orders) agree up to
 P tokens, P their longest common token prefix (at most the shorter length - 1, so each
 sequence keeps its last token in its own suffix). One row holds
 
@@ -37,7 +37,18 @@ SHARED_ARCHITECTURES = {"llama": "one", "mistral": "one", "qwen2": "by_type", "g
 MASKABLE_ATTENTION = ("sdpa", "eager")  # flash attention takes no custom mask; flex takes a BlockMask
 
 
-# ----------------------------------------------------------------------------- the layout (numbers)
+# ----------------------------------------------------------------------------- the layouts (numbers)
+
+def pad_right(seqs, pad_id):
+    """(B, T) ids padded on the right to the longest, and the attention mask."""
+    longest = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), longest), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        input_ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        attention_mask[i, :len(s)] = 1
+    return input_ids, attention_mask
+
 
 def shared_length(first, second):
     """P: the longest common prefix of two id lists, cut to leave each at least one token."""

@@ -4,7 +4,7 @@ A rendered sequence is a list of parts `(text, segment)`: `segment` is None for 
 text, which is never cut (chat-template head and tail, the pair-pm instruction words and
 markers, role headers), or names the conversation content it holds: ("turn", i) for the
 i-th prompt message, ("response", j) for the j-th response. Truncation cuts only content,
-balanced over the content segments (the context, each response; data.keep_lengths):
+balanced over the content segments (the context, each response; encoding.keep_lengths):
 
 1. every segment keeps min(its length, L) tokens for the largest L that fits: the longest is
    cut first, down to the next longest, then both together, and so on (each keeps at least

@@ -1,5 +1,5 @@
-"""The training loop: AdamW, warm-up + decay, gradient accumulation, clipping, autocast
-(+ GradScaler for fp16), DDP, logging, resumable checkpoints, and the final save.
+"""The training loop and its collators: AdamW, warm-up + decay, gradient accumulation,
+clipping, autocast (+ GradScaler for fp16), DDP, logging, resumable checkpoints, the final save.
 
 Every rank computes the same plan of global batches from (seed, epoch), takes its strided
 share of each, and splits that into micro-batches. Each micro-batch's loss is
@@ -21,13 +21,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from selfrm import dist
-from selfrm.data import collate_pm, collate_rm, example_length
 from selfrm.files import TMP_SUFFIX, atomic_path
 from selfrm.fsdp import full_model_state, is_sharded, load_sharded, save_sharded, shard_from_rank0
 from selfrm.losses import pairwise_loss, srm_loss
 from selfrm.modeling import rebuilt, save_model
 from selfrm.settings import SettingsError
-from selfrm.sharing import resolve_share_prefix
+from selfrm.sharing import last_non_pad, pack_pairs, pad_right, resolve_share_prefix
 
 
 # ----------------------------------------------------------------------------- plan and schedule
@@ -152,6 +151,38 @@ def gradient_sync(model, last):
         model.set_requires_gradient_sync(last)
         return nullcontext()
     return model.no_sync() if isinstance(model, DDP) and not last else nullcontext()
+
+
+# ----------------------------------------------------------------------------- collators
+
+def collate_pm(examples, pad_id):
+    """-> input_ids, attention_mask (B, T); label_positions, labels (B,): the label token's
+    id, predicted from the hidden state at label_positions (the last real token)."""
+    input_ids, attention_mask = pad_right([e["input_ids"] for e in examples], pad_id)
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "label_positions": attention_mask.sum(1) - 1,
+            "labels": torch.tensor([e["label"] for e in examples], dtype=torch.long)}
+
+
+def collate_rm(examples, pad_id, share_prefix=False):
+    """-> input_ids, attention_mask (2B, T): the B chosen sequences, then the B rejected
+    ones, so one forward scores both; margins (B,). With share_prefix, one row per pair in
+    the shared-prefix layout of selfrm/sharing.py (chosen = sequence 1): input_ids,
+    position_ids, segment_ids (B, T) and read_positions (B, 2) in place of the first two."""
+    if share_prefix:
+        batch = pack_pairs([(e["chosen_ids"], e["rejected_ids"]) for e in examples], pad_id, last_non_pad)
+    else:
+        seqs = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
+        input_ids, attention_mask = pad_right(seqs, pad_id)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    batch["margins"] = torch.tensor([e["margin"] for e in examples], dtype=torch.float32)
+    return batch
+
+
+def example_length(example):
+    if "input_ids" in example:
+        return len(example["input_ids"])
+    return max(len(example["chosen_ids"]), len(example["rejected_ids"]))
 
 
 def make_collate(model_type, tokenizer, label_ids, share_prefix=False, soft_labels=False):

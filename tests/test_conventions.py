@@ -9,7 +9,7 @@ import torch
 
 import train
 from conftest import need_data, write_jsonl
-from selfrm.data import DataError, load_pairs, load_unlabeled
+from selfrm.formats import DataError, load_pairs, load_unlabeled
 from selfrm.losses import pairwise_loss
 from selfrm.metrics import calibration
 from selfrm.settings import SettingsError, TrainSettings, make, parse_args

@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from selfrm import toy
-from selfrm.data import Encoder, Pair, collate_pm, collate_rm
+from selfrm.encoding import Encoder
+from selfrm.formats import Pair
 from selfrm.dist import Dist
 from selfrm.losses import pairwise_loss, srm_loss
 from selfrm.modeling import load_model
 from selfrm.settings import TrainSettings, make
-from selfrm.trainer import backward_global_batch, global_batches, lr_at, make_collate, micro_batches
+from selfrm.trainer import backward_global_batch, collate_pm, collate_rm, global_batches, lr_at, make_collate, micro_batches
 
 
 def test_srm_loss_is_cross_entropy_at_the_label_position():
@@ -32,7 +33,7 @@ def test_pairwise_loss_with_margin_by_hand():
 
 
 def _batch(seqs):
-    from selfrm.data import pad_right
+    from selfrm.sharing import pad_right
     return pad_right(seqs, 0)
 
 
@@ -125,7 +126,7 @@ def test_collators_pad_right_and_point_at_the_last_real_token():
 
 
 def test_labels_must_be_single_known_tokens():
-    from selfrm.data import single_token_id
+    from selfrm.encoding import single_token_id
     tok = toy.build_tokenizer()
     assert single_token_id(tok, "A") == tok.convert_tokens_to_ids("A")
     with pytest.raises(ValueError, match="exactly one token"):

@@ -98,7 +98,7 @@ def test_bad_eval_row_names_file_line_field_and_writes_nothing(tmp_path, pm_fold
     path = tmp_path / "e.jsonl"
     path.write_text(json.dumps({"prompt": "t1", "chosen": "w1", "rejected": "w2"}) + "\n" +
                     json.dumps({"prompt": "t1", "chosen": "w1", "rejected": ""}) + "\n")
-    from selfrm.data import DataError
+    from selfrm.formats import DataError
     with pytest.raises(DataError, match=r"e\.jsonl:2: field 'rejected' is empty"):
         evaluate.main(make(EvalSettings, model=pm_folder, eval_file=str(path), out_file=str(tmp_path / "m.json")))
     assert not (tmp_path / "m.json").exists()

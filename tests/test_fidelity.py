@@ -13,7 +13,7 @@ import torch
 import train
 from conftest import ROOT, write_jsonl
 from test_selftrain import loop
-from selfrm.data import load_pairs
+from selfrm.formats import load_pairs
 from selfrm.dist import Dist
 from selfrm.filters import learning_status
 from selfrm.modeling import PreferenceModel
@@ -190,7 +190,7 @@ def preview_lines(argv):
 
 @pytest.mark.parametrize("kind", ["pm", "rm"])
 def test_preview_prints_what_training_feeds_first_and_writes_nothing(tmp_path, toy_files, kind, pm_folder, rm_folder):
-    from selfrm.data import example_length
+    from selfrm.trainer import example_length
     from selfrm.modeling import load_tokenizer
     from selfrm.selftrain import encode_training
     from selfrm.trainer import global_batches, micro_batches

@@ -21,7 +21,7 @@ import label
 import train
 from conftest import GGUF, ROOT, need_smollm2, package_folder, save_toy, write_jsonl
 from selfrm import toy
-from selfrm.data import load_pairs, load_unlabeled
+from selfrm.formats import load_pairs, load_unlabeled
 from selfrm.dist import Dist
 from selfrm.modeling import load_model, load_tokenizer
 from selfrm.selftrain import finish_round, train_run

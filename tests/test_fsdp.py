@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 
 from conftest import ROOT, write_jsonl
-from selfrm.data import Encoder, load_pairs
+from selfrm.encoding import Encoder
+from selfrm.formats import load_pairs
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TOLERANCE = dict(rtol=1e-4, atol=1e-5)  # 2 ranks sum gradients in another order than 1 process

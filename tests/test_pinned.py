@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 import train
 from conftest import need_data, write_jsonl
 from selfrm import selftrain, toy, trainer
-from selfrm.data import Encoder, Pair, UnlabeledPair, load_pairs
+from selfrm.encoding import Encoder
+from selfrm.formats import Pair, UnlabeledPair, load_pairs
 from selfrm.dist import Dist
 from selfrm.filters import learning_status
 from selfrm.metrics import SECTIONS, calibration, rewardbench_sections
@@ -155,7 +156,7 @@ def test_3_each_step_sees_the_mean_gradient_of_its_own_global_batch(tmp_path, mo
     each optimizer step sees the gradient of the mean loss over its own batch (not the
     last step's left over, not divided by 16 for the 4). lr 0 keeps the weights, so the
     reference is autograd on the initial model."""
-    from selfrm.data import example_length
+    from selfrm.trainer import example_length
     from selfrm.selftrain import encode_training
     from selfrm.trainer import global_batches
     path = write_jsonl(tmp_path / "pairs.jsonl", toy.make_pairs(4, 20))

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 import train
 from conftest import free_port, need_data, real_like_config, write_jsonl
 from selfrm import sharing
-from selfrm.data import Encoder, load_pairs
+from selfrm.encoding import Encoder
+from selfrm.formats import load_pairs
 from selfrm.dist import Dist
 from selfrm.modeling import PreferenceModel, RewardModel, load_model
 from selfrm.scoring import score_encoded

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from conftest import GGUF, need_data, need_smollm2, package_folder, write_jsonl
-from selfrm.data import Encoder, load_pairs, load_unlabeled, split_labeled
+from selfrm.encoding import Encoder
+from selfrm.formats import load_pairs, load_unlabeled, split_labeled
 from selfrm.dist import Dist
 from selfrm.modeling import load_model
 from selfrm.scoring import score_encoded
@@ -142,7 +143,7 @@ def test_smollm2_lora_steps_lower_the_loss_on_ultrafeedback(tmp_path, smollm2):
 # ----------------------------------------------------------------------------- MiniLM (scalar model)
 
 def test_minilm_reward_model_trains_and_ignores_padding(tmp_path, minilm):
-    from selfrm.data import pad_right
+    from selfrm.sharing import pad_right
     from selfrm.selftrain import train_run
     pairs = load_pairs(need_data("ultrafeedback-binarized-1k-train.jsonl"), bad_rows="skip")[:16]
     cfg = make(TrainSettings, model=minilm, model_type="rm", max_length=128, lr=1e-3, warmup_steps=0,

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 import train
 from conftest import ROOT, free_port, write_jsonl
 from selfrm import selftrain, toy
-from selfrm.data import Encoder, keep_lengths, load_pairs
+from selfrm.encoding import Encoder, keep_lengths
+from selfrm.formats import load_pairs
 from selfrm.dist import Dist
 from selfrm.modeling import load_model, save_model
 from selfrm.settings import EvalSettings, InputError, LabelSettings, SettingsError, TrainSettings, make

@@ -15,7 +15,8 @@ import label
 import train
 from conftest import write_jsonl
 from selfrm import selftrain, toy
-from selfrm.data import Encoder, UnlabeledPair, load_pairs
+from selfrm.encoding import Encoder
+from selfrm.formats import UnlabeledPair, load_pairs
 from selfrm.dist import Dist
 from selfrm.filters import (T_BOUNDS, calibrated, confidence_filter, consistent_filter, fit_temperature,
                             learning_status, longer_share, order_disagreement, temperature_nll)

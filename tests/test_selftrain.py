@@ -11,7 +11,8 @@ import label
 import train
 from conftest import run_one_and_two_ranks, write_jsonl
 from selfrm import toy, trainer
-from selfrm.data import Encoder, load_pairs
+from selfrm.encoding import Encoder
+from selfrm.formats import load_pairs
 from selfrm.dist import Dist
 from selfrm.filters import confidence_filter, learning_status, pseudo_label
 from selfrm.modeling import load_model

@@ -8,7 +8,8 @@ import re
 import pytest
 
 from selfrm import toy
-from selfrm.data import DataError, Encoder, Pair
+from selfrm.encoding import Encoder
+from selfrm.formats import DataError, Pair
 from selfrm.templates import pm_instruction, render_context
 
 USER = lambda text: {"role": "user", "content": text}
@@ -147,7 +148,7 @@ def test_cut_pairs_keep_the_template_and_cut_only_content_balanced(name, max_len
     turns, and the cut balanced: the segments that were cut keep about the same number of
     tokens (L), and no segment left whole is longer than them."""
     from test_real import need_data
-    from selfrm.data import load_pairs
+    from selfrm.formats import load_pairs
     pairs = load_pairs(need_data(name), bad_rows="skip")[:300]
     tok = smollm2_tokenizer
     enc = Encoder(tok, "pm", max_length)
@@ -183,7 +184,7 @@ def test_cut_pairs_keep_the_template_and_cut_only_content_balanced(name, max_len
 @pytest.mark.parametrize("name", ["ultrafeedback-binarized-1k-train.jsonl", "hh-rlhf-harmless-base-test.jsonl.gz"])
 def test_both_sequences_of_a_real_scalar_pair_read_the_same_context(name, smollm2_tokenizer):
     from test_real import need_data
-    from selfrm.data import load_pairs
+    from selfrm.formats import load_pairs
     pairs = load_pairs(need_data(name), bad_rows="skip")[:300]
     tok = smollm2_tokenizer
     enc = Encoder(tok, "rm", 256)

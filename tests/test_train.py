@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 import train
 from conftest import kill_at_step, run_one_and_two_ranks, write_jsonl
-from selfrm.data import DataError, load_pairs
+from selfrm.formats import DataError, load_pairs
 from selfrm.settings import SettingsError, TrainSettings, make, parse_args
 
 FAST = dict(lr=2e-3, warmup_steps=2, global_batch_size=16, micro_batch_size=8, log_every=5)
