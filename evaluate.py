@@ -15,7 +15,7 @@ from selfrm.formats import load_pairs
 from selfrm.files import dump_json, dump_jsonl, publish_together
 from selfrm.metrics import evaluate_scores
 from selfrm.modeling import check_outputs, load_model, resolve_max_length, resolve_model_type
-from selfrm.selftrain import encode_pairs, score_pairs
+from selfrm.scoring import encode_pairs, score_pairs
 from selfrm.settings import EvalSettings, SettingsError, cli, parse_args
 
 

@@ -13,9 +13,11 @@ A summary goes to stdout and to L.summary.json. Works under torchrun (sharded sc
 import json
 
 from selfrm import dist
-from selfrm.formats import load_unlabeled
+from selfrm.checks import check_filter, check_gold
+from selfrm.formats import chosen_rejected, load_unlabeled
 from selfrm.modeling import check_outputs, load_model, resolve_max_length, resolve_model_type
-from selfrm.selftrain import as_pairs, check_filter, check_gold, relabel, summary_path, write_rows_and_summary
+from selfrm.rundir import summary_path, write_rows_and_summary
+from selfrm.scoring import relabel
 from selfrm.settings import LabelSettings, SettingsError, cli, parse_args
 
 
@@ -42,6 +44,15 @@ def main(cfg):
         return rows, summary
     finally:
         dist.compute_cleanup()
+
+
+def as_pairs(rows):
+    """Kept rows as training pairs {prompt, chosen, rejected}, the pseudo-label deciding."""
+    pairs = []
+    for row in (r for r in rows if r["keep"]):
+        chosen, rejected = chosen_rejected(row["response_a"], row["response_b"], row["pseudo_label"])
+        pairs.append({"prompt": row["prompt"], "chosen": chosen, "rejected": rejected})
+    return pairs
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def run_selfrm(model, examples, steps):
     real_save, trainer.save_model = trainer.save_model, lambda *a, **k: None
     try:
         with tempfile.TemporaryDirectory() as run_dir:
-            trainer.train(cfg, RewardModel(model), toy.build_tokenizer(), examples, run_dir, Dist(), {})
+            trainer.train(cfg, RewardModel(model), toy.build_tokenizer(), examples, run_dir, Dist())
     finally:
         trainer.save_model = real_save
 

@@ -1,8 +1,15 @@
-"""Pseudo-labels and the two filter strategies, as pure functions of numpy arrays.
+"""Pseudo-labels, the two filters and the selection rules, as pure functions of numbers.
 
 - `pseudo_label`: the argmax label of each pair (SPEC 2).
 - `confidence_filter`: SSRM's confidence threshold (SPEC 3).
 - `learning_status`: SER's learning-status filter over per-response scores (SPEC 4).
+- `select`: one labeling pass of a round, from a pool's scores to the pairs kept.
+
+Bradley-Terry lives here and in scoring.py: P(a1 > a2) = sigmoid(r1 - r2) for a scalar model,
+SER's scores p = sigmoid(r), so --threshold=0.8 and the taus mean what the papers mean only
+for a model trained with the pairwise loss (losses.pairwise_loss). A fork that trains another
+loss (a hinge, say) changes what these numbers are: it maps its scores to probabilities in
+scoring.py and `pair_logits`, or sets new thresholds.
 
 Rules beyond the two papers, each off by default (README, "Selection rules beyond the papers"):
 - `consistent_filter`: a pairwise model's verdict counts when both A/B orders agree.
@@ -42,6 +49,11 @@ def consistent_filter(prob_a_orders, prob_a, threshold=0.8):
     """Order consistency (pm): keep a pair when both orders pick the same response and the
     order-averaged confidence max(P, 1 - P) >= threshold (P = prob_a, calibrated or not)."""
     return ~order_disagreement(prob_a_orders) & confidence_filter(prob_a, threshold)
+
+
+def pair_logits(scores):
+    """z with P(a1 > a2) = sigmoid(z): rm r1 - r2; pm the logit of the order-averaged P."""
+    return scores["reward_a"] - scores["reward_b"] if "reward_a" in scores else logit(scores["prob_a"])
 
 
 def logit(prob):
@@ -155,3 +167,50 @@ def learning_status(score_a, score_b, tau_high=0.55, tau_low=0.45, tau_delta=0.3
         keep = np.zeros(len(a), dtype=bool)
     status = np.where(keep & s1 & (met != "status2"), 1, np.where(keep, 2, 0))
     return StatusResult(keep, status, met, int(s1.sum()), int(s2.sum()), needed)
+
+
+@dataclass
+class Selection:
+    prob_a: np.ndarray  # (N,) the P(a1 > a2) that labeled and filtered: P_T with a temperature, else as scored
+    labels: np.ndarray  # (N,) 'a' or 'b': the pseudo-label (or the gold one, --label_source=gold)
+    keep: np.ndarray  # (N,) bool: the pairs the filter kept
+    status: np.ndarray  # (N,) int: SER's status of a kept pair (1 or 2, else 0); None for other filters
+    stable: list  # per pair: its label equals the previous round's (True/False; None: none); None without previous
+    summary: dict  # the counts for the round's summary: threshold or status counts, kept, flips
+
+
+def select(cfg, scores, temperature=1.0, previous=None, gold=None):
+    """One labeling pass (SPEC 2-4) from a pool's scores (scoring.score_encoded's arrays):
+    label with P_T = sigmoid(z / T) (T = 1: the scores as they are; SER's per-response scores
+    become sigmoid(r / T)), then keep what cfg.filter keeps. previous: per pair the label of
+    the last round (None where it had none); --keep_stable then keeps only unflipped pairs.
+    gold: per pair 'a', 'b' or None, the labels with --label_source=gold."""
+    prob_a = scores["prob_a"] if temperature == 1.0 else calibrated(pair_logits(scores), temperature)
+    labels = np.asarray(gold).astype(str) if cfg.label_source == "gold" else pseudo_label(prob_a)
+    summary, orders, n = {}, scores.get("prob_a_orders"), len(prob_a)
+    if orders is not None:  # the pm's position bias: how often the two orders pick different responses
+        summary["order_disagreement"] = float(order_disagreement(orders).mean()) if n else 0.0
+    stable = None if previous is None else stable_labels(labels, previous)
+    allowed = None  # --keep_stable: the pairs whose label did not flip
+    if stable is not None:
+        summary["flipped"] = sum(s is False for s in stable) if any(p is not None for p in previous) else None
+        if cfg.keep_stable:
+            allowed = np.array([s is not False for s in stable], dtype=bool)
+    status = None
+    if cfg.filter in ("confidence", "consistent"):
+        keep = (confidence_filter(prob_a, cfg.threshold) if cfg.filter == "confidence"
+                else consistent_filter(orders, prob_a, cfg.threshold))
+        summary["threshold"] = cfg.threshold
+    elif cfg.filter == "status":
+        result = learning_status(calibrated(scores["reward_a"], temperature), calibrated(scores["reward_b"], temperature),
+                                 cfg.tau_high, cfg.tau_low, cfg.tau_delta, cfg.status_min_count,
+                                 cfg.status_min_fraction, cfg.status_mode, allowed)
+        keep, status = result.keep, result.status
+        summary.update(status_met=result.met, status1_count=result.status1_count,
+                       status2_count=result.status2_count, status_needed=result.needed)
+    else:
+        keep = np.ones(n, dtype=bool)
+    if allowed is not None:
+        keep = keep & allowed
+    summary.update(kept=int(keep.sum()), kept_share=float(keep.mean()) if n else 0.0)
+    return Selection(prob_a, labels, keep, status, stable, summary)

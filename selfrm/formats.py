@@ -45,6 +45,16 @@ class UnlabeledPair:
     gold: str = None
     where: str = field(default="", compare=False)  # 'file:line' it was read from, for error messages
 
+    def as_pair(self, label, prob=1.0):
+        """Pseudo-labeled ('a' or 'b' names the better response) as a training pair; prob: the
+        probability, for soft labels, that its chosen response is better (1.0: a hard label)."""
+        return Pair(self.prompt, *chosen_rejected(self.response_a, self.response_b, label), prob=prob)
+
+
+def chosen_rejected(response_a, response_b, label):
+    """(chosen, rejected) of a pair whose label ('a' or 'b') names the better response."""
+    return (response_a, response_b) if label == "a" else (response_b, response_a)
+
 
 # ----------------------------------------------------------------------------- reading files
 

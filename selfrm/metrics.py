@@ -1,5 +1,6 @@
 """Evaluation metrics (SPEC 5): accuracy with each model kind's tie rule, RewardBench
-sections, and calibration (ECE, Brier, NLL, reliability table, histogram). numpy only."""
+sections, calibration (ECE, Brier, NLL, reliability table, histogram), and the accuracy of
+pseudo-labels against gold labels (gold_report). numpy only."""
 import numpy as np
 
 # RewardBench's example counts: a section is the mean of its subsets' accuracies weighted by these
@@ -107,3 +108,23 @@ def evaluate_scores(scores, model_type, subsets):
 
 def accuracy(scores, model_type):
     return float(pair_correct(scores, model_type).mean())
+
+
+def gold_report(prob_a, labels, gold, keep):
+    """Pseudo-label accuracy against gold labels, where rows carry them: overall, among kept
+    rows, and per confidence bin (0.5-0.6 ... 0.9-1.0)."""
+    has = np.array([g is not None for g in gold])
+    if not has.any():
+        return {}
+    right = labels == gold
+    prob_a = np.asarray(prob_a, dtype=np.float64)
+    index = bin_index(np.maximum(prob_a, 1.0 - prob_a), 10)  # the calibration table's bins: 0.7 + 0.1 is in 0.8-0.9
+    bins = {}
+    for k in range(5, 10):
+        inside = has & (index == k)
+        bins[f"{k / 10:.1f}-{(k + 1) / 10:.1f}"] = {"n": int(inside.sum()),
+                                                   "accuracy": float(right[inside].mean()) if inside.any() else None}
+    kept = has & keep
+    return {"gold_rows": int(has.sum()), "pseudo_label_accuracy": float(right[has].mean()),
+            "pseudo_label_accuracy_kept": float(right[kept].mean()) if kept.any() else None,
+            "accuracy_by_confidence": bins}

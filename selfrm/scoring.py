@@ -1,4 +1,6 @@
-"""Preference probabilities of pairs, batched by length, sharded across ranks.
+"""Preference probabilities of pairs, batched by length, sharded across ranks; and with a
+run's settings: eval pairs scored (evaluate.py's score_pairs), a pool labeled (relabel:
+label.py's, and each round's through steps.py).
 
 pm (SPEC 1a): both orders of a pair go through the same forward batch; from each, the
 logits of the `A` and `B` tokens at the label position, softmaxed over those two, and
@@ -18,9 +20,15 @@ import torch
 from tqdm import tqdm
 
 from selfrm import dist
+from selfrm.checks import check_filter, check_gold
+from selfrm.encoding import Encoder
+from selfrm.filters import calibrated, confidence, longer_share, select
+from selfrm.formats import chosen_rejected
 from selfrm.fsdp import is_sharded
+from selfrm.metrics import accuracy, gold_report
 from selfrm.modeling import inner
-from selfrm.sharing import last_non_pad, last_token, pack_pairs, pad_right, shared_length
+from selfrm.sharing import last_non_pad, last_token, pack_pairs, pad_right, resolve_share_prefix, shared_length
+from selfrm.trainer import autocast_dtype
 
 
 @torch.inference_mode()
@@ -113,5 +121,105 @@ def rm_rewards(model, batch):
     return torch.stack([rewards[0::2], rewards[1::2]], 1)
 
 
-def sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))
+def report_cuts(encoder, n, what, cfg):
+    """Say how many pairs were cut or left out; returns the counts for the manifest."""
+    counts = {"pairs": n, "truncated": encoder.truncated, "dropped": encoder.dropped}
+    if encoder.truncated or encoder.dropped:
+        dist.print0(f"{what}: {encoder.truncated} of {n} truncated to max_length={cfg.max_length}"
+                    + (f", {encoder.dropped} dropped (--overlong=drop)" if encoder.dropped else ""))
+    return counts
+
+
+# ----------------------------------------------------------------------------- pairs and pools, with a run's settings
+
+def encode_for_scoring(cfg, tokenizer, pairs, what, counts=None):
+    """Scoring inputs (Encoder.encode_score) of (prompt, first, second, where) tuples and the
+    label token ids (None for rm): the pair `(ids, label_ids)` that `score` takes. Tokenize
+    once, score every round. Scoring truncates every over-long pair (none is dropped);
+    `counts` receives the cut counts."""
+    encoder = Encoder(tokenizer, cfg.model_type, cfg.max_length)
+    ids = encoder.encode_score(*(list(column) for column in zip(*pairs))) if pairs else []
+    cuts = report_cuts(encoder, len(pairs), what, cfg)
+    if counts is not None:
+        counts.update(cuts)
+    return ids, encoder.label_ids or None
+
+
+def encode_pairs(cfg, tokenizer, pairs, counts=None):
+    """Labeled pairs, with a = chosen and b = rejected."""
+    return encode_for_scoring(cfg, tokenizer, [(p.prompt, p.chosen, p.rejected, p.where) for p in pairs],
+                              "eval pairs", counts)
+
+
+def encode_pool(cfg, tokenizer, pool, counts=None):
+    return encode_for_scoring(cfg, tokenizer, [(u.prompt, u.response_a, u.response_b, u.where) for u in pool],
+                              "unlabeled pairs", counts)
+
+
+def score(cfg, world, model, tokenizer, encoded, desc):
+    """score_encoded with the run's device, batch size, autocast and --share_prefix; encoded =
+    (ids, label_ids)."""
+    ids, label_ids = encoded
+    share_prefix = resolve_share_prefix(cfg.share_prefix, inner(model).hf.config)
+    return score_encoded(model.to(world.device), ids, tokenizer.pad_token_id, label_ids, world,
+                         cfg.batch_size, autocast_dtype(cfg, world.device), desc=desc, share_prefix=share_prefix)
+
+
+def score_pairs(cfg, world, model, tokenizer, pairs, encoded=None):
+    """Scores of labeled pairs (score_encoded's arrays); `encoded` skips the tokenization
+    when the caller has done it once already (the self-training rounds)."""
+    return score(cfg, world, model, tokenizer, encoded or encode_pairs(cfg, tokenizer, pairs), "eval")
+
+
+def eval_accuracy(cfg, world, model, tokenizer, pairs, encoded=None):
+    """Accuracy on labeled pairs (pm: both orders, a tie counts 0.5; rm: strict)."""
+    return accuracy(score_pairs(cfg, world, model, tokenizer, pairs, encoded), cfg.model_type)
+
+
+def relabel(cfg, world, model, tokenizer, pool, encoded=None, temperature=1.0, previous=None):
+    """Score every pair of `pool`, pseudo-label it and apply cfg.filter (filters.select).
+    `encoded` = (ids, label_ids) from encode_pool, when the caller tokenized the pool already.
+    previous: per pair, the pseudo-label of the last round (None where it had none); rows then
+    record `stable`. Returns (rows, summary): one output row per input row, in input order.
+    Gold labels are read only for the summary's accuracies (and by --label_source=gold)."""
+    check_filter(cfg)
+    check_gold(cfg, pool)
+    cuts = {}
+    scores = score(cfg, world, model, tokenizer, encoded or encode_pool(cfg, tokenizer, pool, cuts), "label")
+    gold = np.array([u.gold for u in pool], dtype=object)
+    chosen = select(cfg, scores, temperature, previous, gold)
+    summary = {"rows": len(pool), "filter": cfg.filter, "temperature": temperature}
+    if cuts:  # tokenized here (label.py): how many rows were over --max_length
+        summary["truncated"] = cuts["truncated"]
+    summary.update(chosen.summary)
+    summary["longer_share_kept"] = longer_share_of(tokenizer, [chosen_rejected(u.response_a, u.response_b, l)
+                                                              for u, l, k in zip(pool, chosen.labels, chosen.keep) if k])
+    summary.update(gold_report(chosen.prob_a, chosen.labels, gold, chosen.keep))
+    return [pool_row(u, i, scores, chosen, temperature) for i, u in enumerate(pool)], summary
+
+
+def pool_row(u, i, scores, chosen, temperature):
+    """Row i of a labeled pool: the input row, its scores, and what labeling made of it."""
+    row = {**u.row, "prob_a": float(scores["prob_a"][i])}
+    if "prob_a_orders" in scores:
+        row["prob_a_orders"] = [float(p) for p in scores["prob_a_orders"][i]]
+    if temperature != 1.0:
+        row["prob_a_calibrated"] = float(chosen.prob_a[i])
+    row.update(confidence=float(confidence(chosen.prob_a[i])), pseudo_label=str(chosen.labels[i]),
+               keep=bool(chosen.keep[i]))
+    if "reward_a" in scores:
+        row["score_a"] = float(calibrated(scores["reward_a"][i], temperature))
+        row["score_b"] = float(calibrated(scores["reward_b"][i], temperature))
+    if chosen.status is not None:
+        row["status"] = int(chosen.status[i]) or None
+    if chosen.stable is not None:
+        row["stable"] = chosen.stable[i]
+    return row
+
+
+def longer_share_of(tokenizer, pairs):
+    """longer_share of (preferred, other) response texts, lengths in the tokenizer's tokens."""
+    if not pairs:
+        return None
+    lengths = [len(ids) for ids in tokenizer([t for pair in pairs for t in pair], add_special_tokens=False)["input_ids"]]
+    return longer_share(lengths[0::2], lengths[1::2])

@@ -20,7 +20,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from selfrm import dist
+from selfrm import dist, settings
 from selfrm.files import TMP_SUFFIX, atomic_path
 from selfrm.fsdp import full_model_state, is_sharded, load_sharded, save_sharded, shard_from_rank0
 from selfrm.losses import pairwise_loss, srm_loss
@@ -262,7 +262,7 @@ def load_checkpoint(path, raw_model, optimizer, scaler, world):
 
 # ----------------------------------------------------------------------------- the loop
 
-def train(cfg, model, tokenizer, examples, run_dir, world, settings, label_ids=None, desc="train", counts=None):
+def train(cfg, model, tokenizer, examples, run_dir, world, label_ids=None, desc="train", counts=None):
     """Train `model` (a PreferenceModel or RewardModel) on encoded `examples`; save the final
     model to run_dir/model and return a summary (`counts`, the encoder's truncated/dropped,
     join it), which is also saved in the model folder. Resumes from run_dir/checkpoint."""
@@ -373,7 +373,7 @@ def train(cfg, model, tokenizer, examples, run_dir, world, settings, label_ids=N
     summary = {"steps": total_steps, "pairs": len(examples), "train_loss": last.get("loss"),
                "train_accuracy": last.get("accuracy"), **(counts or {})}
     if world.master:
-        save_model(to_save, tokenizer, os.path.join(run_dir, "model"), settings, cfg.save_adapter_only, summary)
+        save_model(to_save, tokenizer, os.path.join(run_dir, "model"), settings.to_dict(cfg), cfg.save_adapter_only, summary)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     dist.barrier()
     return summary

@@ -192,7 +192,7 @@ def preview_lines(argv):
 def test_preview_prints_what_training_feeds_first_and_writes_nothing(tmp_path, toy_files, kind, pm_folder, rm_folder):
     from selfrm.trainer import example_length
     from selfrm.modeling import load_tokenizer
-    from selfrm.selftrain import encode_training
+    from selfrm.steps import encode_training
     from selfrm.trainer import global_batches, micro_batches
     train_file, _ = toy_files
     out_dir = tmp_path / "never"

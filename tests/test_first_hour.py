@@ -24,7 +24,8 @@ from selfrm import toy
 from selfrm.formats import load_pairs, load_unlabeled
 from selfrm.dist import Dist
 from selfrm.modeling import load_model, load_tokenizer
-from selfrm.selftrain import finish_round, train_run
+from selfrm.rundir import RunDir
+from selfrm.steps import train_run
 from selfrm.settings import (CHOICES, GROUPS, EvalSettings, LabelSettings, TrainSettings, _comments, build_parser,
                              cli, make, parse_args)
 
@@ -298,7 +299,7 @@ def test_no_deprecation_warning_from_the_calls_selfrm_makes(tmp_path, pm_folder)
 def test_the_round_line_says_n_a_for_a_missing_number(tmp_path, capsys):
     cfg = make(TrainSettings, out_dir=str(tmp_path))
     record = {"round": 1, "kept": 0, "train_size": 8, "pseudo_label_accuracy": None, "model": "round_1/model"}
-    finish_round(cfg, Dist(), {"rounds": []}, record, None, None, None, time.time())
+    RunDir(cfg, Dist()).record({**record, "seconds": 0.2})
     line = capsys.readouterr().out.strip()
     assert re.fullmatch(r"round 1 done in \d+s: kept 0, train_size 8, pseudo_label_accuracy n/a", line), line
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 import train
 from conftest import need_data, write_jsonl
-from selfrm import selftrain, toy, trainer
+from selfrm import metrics, scoring, toy, trainer
 from selfrm.encoding import Encoder
 from selfrm.formats import Pair, UnlabeledPair, load_pairs
 from selfrm.dist import Dist
@@ -26,7 +26,8 @@ from selfrm.filters import learning_status
 from selfrm.metrics import SECTIONS, calibration, rewardbench_sections
 from selfrm.modeling import load_model
 from selfrm.scoring import score_encoded
-from selfrm.selftrain import relabel, train_run
+from selfrm.scoring import relabel
+from selfrm.steps import train_run
 from selfrm.settings import TrainSettings, make
 from selfrm.trainer import backward_global_batch, make_collate
 
@@ -157,7 +158,7 @@ def test_3_each_step_sees_the_mean_gradient_of_its_own_global_batch(tmp_path, mo
     last step's left over, not divided by 16 for the 4). lr 0 keeps the weights, so the
     reference is autograd on the initial model."""
     from selfrm.trainer import example_length
-    from selfrm.selftrain import encode_training
+    from selfrm.steps import encode_training
     from selfrm.trainer import global_batches
     path = write_jsonl(tmp_path / "pairs.jsonl", toy.make_pairs(4, 20))
     cfg = make(TrainSettings, model=pm_folder, train_file=path, out_dir=str(tmp_path / "run"), global_batch_size=16,
@@ -330,7 +331,7 @@ def test_7_relabel_applies_ser_status_to_sigmoid_of_the_rewards(monkeypatch):
     logit = lambda p: np.log(p / (1 - p))
     r_a, r_b = logit(p_a), logit(p_b)
     fake = {"prob_a": 1 / (1 + np.exp(-(r_a - r_b))), "reward_a": r_a, "reward_b": r_b}
-    monkeypatch.setattr(selftrain, "score", lambda *args, **kwargs: fake)
+    monkeypatch.setattr(scoring, "score", lambda *args, **kwargs: fake)
     pool = [UnlabeledPair([USER("t1")], "w1", "w2", {"prompt": "t1", "response_a": "w1", "response_b": "w2"})
             for _ in p_a]
     cfg = make(TrainSettings, model_type="rm", filter="status", status_min_count=4)
@@ -366,7 +367,7 @@ def test_8_values_a_rounding_below_an_edge_fall_in_the_bin_the_edge_opens():
 def test_8_pseudo_label_accuracy_by_confidence_bins_every_row_as_calibration_does():
     probs = np.array([0.7 + 0.1, 0.75, 0.85, 1 - (0.7 + 0.1)])
     labels = np.where(probs > 0.5, "a", "b")
-    report = selftrain.gold_report(probs, labels, np.array(["a"] * 4, dtype=object), np.ones(4, bool))
+    report = metrics.gold_report(probs, labels, np.array(["a"] * 4, dtype=object), np.ones(4, bool))
     bins = report["accuracy_by_confidence"]
     assert sum(b["n"] for b in bins.values()) == report["gold_rows"] == 4  # every row in one bin
     assert {k: b["n"] for k, b in bins.items()} == {"0.5-0.6": 0, "0.6-0.7": 0, "0.7-0.8": 1, "0.8-0.9": 3, "0.9-1.0": 0}

@@ -272,11 +272,11 @@ def test_share_prefix_setting_names_the_architecture(capsys, rm_folder):
 def test_a_run_resumes_whatever_its_share_prefix(tmp_path):
     """--share_prefix changes no number beyond 1e-5: a run started with another value (or before
     the setting existed) is the same run."""
-    from selfrm import selftrain
+    from selfrm import rundir
     cfg = make(TrainSettings, model_type="rm", out_dir=str(tmp_path), share_prefix="false")
     saved = {k: v for k, v in make(TrainSettings, model_type="rm", out_dir=str(tmp_path)).__dict__.items()
              if k != "share_prefix"}
     (tmp_path / "settings.json").write_text(json.dumps(saved))
     (tmp_path / "manifest.json").write_text(json.dumps({"final_model": "model", "rounds": [{"round": 0}]}))
-    assert selftrain.finished_run(cfg) == "model"
-    selftrain.claim_out_dir(cfg, Dist(), {})
+    assert rundir.finished_run(cfg) == "model"
+    rundir.claim_out_dir(cfg, Dist(), {})

@@ -130,7 +130,7 @@ def test_smollm2_both_orders_give_one_minus_prob(smollm2):
 
 
 def test_smollm2_lora_steps_lower_the_loss_on_ultrafeedback(tmp_path, smollm2):
-    from selfrm.selftrain import train_run
+    from selfrm.steps import train_run
     pairs = load_pairs(need_data("ultrafeedback-binarized-1k-train.jsonl"), bad_rows="skip")[:8]
     cfg = make(TrainSettings, model=smollm2, model_type="pm", lora=True, lora_dropout=0.0, max_length=192,
                lr=2e-3, warmup_steps=0, schedule="constant", global_batch_size=8, micro_batch_size=4, epochs=4,
@@ -144,7 +144,7 @@ def test_smollm2_lora_steps_lower_the_loss_on_ultrafeedback(tmp_path, smollm2):
 
 def test_minilm_reward_model_trains_and_ignores_padding(tmp_path, minilm):
     from selfrm.sharing import pad_right
-    from selfrm.selftrain import train_run
+    from selfrm.steps import train_run
     pairs = load_pairs(need_data("ultrafeedback-binarized-1k-train.jsonl"), bad_rows="skip")[:16]
     cfg = make(TrainSettings, model=minilm, model_type="rm", max_length=128, lr=1e-3, warmup_steps=0,
                schedule="constant", global_batch_size=16, micro_batch_size=8, epochs=5, log_every=1,

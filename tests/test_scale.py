@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import train
 from conftest import ROOT, free_port, write_jsonl
-from selfrm import selftrain, toy
+from selfrm import rundir, steps, toy
 from selfrm.encoding import Encoder, keep_lengths
 from selfrm.formats import load_pairs
 from selfrm.dist import Dist
@@ -248,23 +248,23 @@ def test_a_resumed_self_training_run_ends_where_an_uninterrupted_one_does(tmp_pa
         return train_script.main(make(TrainSettings, **settings, out_dir=str(out_dir)))
 
     main(tmp_path / "straight")
-    real_relabel, real_finish = selftrain.relabel, selftrain.finish_round
+    real_relabel, real_record = steps.relabel, rundir.RunDir.record
 
     def killed_relabel(*args, **kwargs):
         raise KeyboardInterrupt("killed before round 1 labels")
 
-    def killed_finish(cfg, world, manifest, record, *args):
+    def killed_record(run, record):
         if record["round"] == 1:
             raise KeyboardInterrupt("killed before round 1 is recorded")
-        return real_finish(cfg, world, manifest, record, *args)
+        return real_record(run, record)
 
     out = tmp_path / "killed"
-    for patch in ((selftrain, "relabel", killed_relabel), (selftrain, "finish_round", killed_finish)):
+    for patch in ((steps, "relabel", killed_relabel), (rundir.RunDir, "record", killed_record)):
         monkeypatch.setattr(*patch)
         with pytest.raises(KeyboardInterrupt):
             main(out)
-        monkeypatch.setattr(selftrain, "relabel", real_relabel)
-        monkeypatch.setattr(selftrain, "finish_round", real_finish)
+        monkeypatch.setattr(steps, "relabel", real_relabel)
+        monkeypatch.setattr(rundir.RunDir, "record", real_record)
     main(out)
     for t in (1, 2):
         straight = [json.loads(line) for line in open(tmp_path / "straight" / f"round_{t}" / "pool.jsonl")]
@@ -281,10 +281,10 @@ def test_a_resumed_self_training_run_ends_where_an_uninterrupted_one_does(tmp_pa
 RECORDING_LOADS = """
 import json, os, sys
 sys.path.insert(0, sys.argv[1])
-from selfrm import selftrain
+from selfrm import steps
 import train
 
-real_load = selftrain.load_model
+real_load = steps.load_model
 
 def recording(cfg, source=None, tokenizer=None, meta=False):
     with open(os.path.join(sys.argv[2], f"loads-{os.environ['RANK']}.jsonl"), "a") as f:
@@ -294,9 +294,9 @@ def recording(cfg, source=None, tokenizer=None, meta=False):
 def killed(*args, **kwargs):  # a kill before round 1 labels its pool: round 0 finished
     os._exit(9)
 
-selftrain.load_model = recording
+steps.load_model = recording
 if sys.argv[3] == "kill":
-    selftrain.relabel = killed
+    steps.relabel = killed
 train.main(train.settings_from_argv(sys.argv[4:]))
 """
 
@@ -334,7 +334,7 @@ def test_label_and_evaluate_score_at_the_length_the_model_was_trained_at(tmp_pat
     import evaluate as evaluate_script
     import label as label_script
     lab, pool, ev = loop_files
-    from selfrm.selftrain import train_run
+    from selfrm.steps import train_run
     cfg = make(TrainSettings, model=pm_folder, train_file=lab, max_length=20, max_steps=1, global_batch_size=8,
                micro_batch_size=8, out_dir=str(tmp_path / "run"))
     train_run(cfg, Dist(), load_pairs(lab), cfg.out_dir, pm_folder)

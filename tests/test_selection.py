@@ -14,17 +14,16 @@ from safetensors.torch import load_file
 import label
 import train
 from conftest import write_jsonl
-from selfrm import selftrain, toy
+from selfrm import rounds, rundir, scoring, steps, toy
 from selfrm.encoding import Encoder
-from selfrm.formats import UnlabeledPair, load_pairs
+from selfrm.formats import Pair, UnlabeledPair, load_pairs
 from selfrm.dist import Dist
 from selfrm.filters import (T_BOUNDS, calibrated, confidence_filter, consistent_filter, fit_temperature,
                             learning_status, longer_share, order_disagreement, temperature_nll)
 from selfrm.metrics import calibration
 from selfrm.losses import pairwise_loss, srm_loss
 from selfrm.modeling import load_model
-from selfrm.scoring import score_encoded
-from selfrm.selftrain import relabel
+from selfrm.scoring import relabel, score_encoded
 from selfrm.settings import LabelSettings, SettingsError, TrainSettings, make
 
 USER = lambda text: {"role": "user", "content": text}
@@ -41,8 +40,8 @@ def fake_pool(n, lengths=None):
 
 def relabel_with(monkeypatch, scores, model_type, pool, **kwargs):
     """relabel() on given scores (score() patched): no model involved."""
-    monkeypatch.setattr(selftrain, "score", lambda *args, **kw: scores)
-    options = {k: kwargs.pop(k) for k in ("temperature", "previous", "keep_stable") if k in kwargs}
+    monkeypatch.setattr(scoring, "score", lambda *args, **kw: scores)
+    options = {k: kwargs.pop(k) for k in ("temperature", "previous") if k in kwargs}
     cfg = make(TrainSettings, model_type=model_type, **kwargs)
     return relabel(cfg, Dist(), None, toy.build_tokenizer(), pool, ([], None), **options)
 
@@ -192,12 +191,12 @@ def test_label_py_applies_and_records_the_temperature(tmp_path, rm_folder, loop_
 def capture_training(monkeypatch):
     """Record the pairs each train_run of a self-training run receives."""
     seen = []
-    real = selftrain.train_run
+    real = steps.train_run
 
     def recording(cfg, world, pairs, *args, **kwargs):
         seen.append(list(pairs))
         return real(cfg, world, pairs, *args, **kwargs)
-    monkeypatch.setattr(selftrain, "train_run", recording)
+    monkeypatch.setattr(steps, "train_run", recording)
     return seen
 
 
@@ -297,15 +296,27 @@ def test_status_with_keep_stable_counts_only_pairs_that_did_not_flip(monkeypatch
 
 def test_the_last_round_gives_the_temperature_and_the_previous_labels(tmp_path):
     rounds = [{"round": 0, "temperature": 2.0}, {"round": 1}, {"round": 2, "temperature": 0.5}, {"round": 3, "status": "converged"}]
-    assert selftrain.last_temperature(rounds) == 0.5 and selftrain.last_temperature([{"round": 0}]) == 1.0
+    assert rundir.last_temperature(rounds) == 0.5 and rundir.last_temperature([{"round": 0}]) == 1.0
     cfg = make(TrainSettings, model_type="rm", out_dir=str(tmp_path))
     for t, labels in ((1, "aaaaa"), (2, "bbabb")):  # round 2 labeled pool pairs 0..4, round 3 only 1, 3, 4 remain
         rows = [{"pool_index": i, "pseudo_label": l} for i, l in enumerate(labels)]
-        write_jsonl(tmp_path / f"round_{t}" / "pool.jsonl", rows) if (tmp_path / f"round_{t}").mkdir() is None else None
-    assert selftrain.previous_labels(cfg, 1, [0, 1], None) == [None, None]
-    assert selftrain.previous_labels(cfg, 3, [1, 3, 4], None) == ["b", "b", "b"]  # by pool index, from round 2's file
-    assert selftrain.previous_labels(cfg, 2, [2, 4], None) == ["a", "a"]
-    assert selftrain.previous_labels(cfg, 3, [2, 4], {2: "b", 4: "a"}) == ["b", "a"]  # in memory: no file read
+        (tmp_path / f"round_{t}").mkdir()
+        write_jsonl(tmp_path / f"round_{t}" / "pool.jsonl", rows)
+        (tmp_path / f"round_{t}" / "pool.summary.json").write_text("{}")
+    run = rundir.RunDir(cfg, Dist())
+    previous_labels = lambda t, remaining, last=None: [(last if last is not None else labels_of(run, t - 1)).get(i)
+                                                      for i in remaining]
+    assert previous_labels(1, [0, 1], {}) == [None, None]
+    assert previous_labels(3, [1, 3, 4]) == ["b", "b", "b"]  # by pool index, from round 2's file
+    assert previous_labels(2, [2, 4]) == ["a", "a"]
+    assert previous_labels(3, [2, 4], {2: "b", 4: "a"}) == ["b", "a"]  # in memory: no file read
+
+
+def labels_of(run, t):
+    """{pool index: pseudo-label} of round t as a resumed run reads it back: run.once finds the
+    round's pool file (with its summary) and computes nothing."""
+    rows, _ = run.once(t, "pool", lambda: pytest.fail(f"round {t} was labeled again"))
+    return {row["pool_index"]: row["pseudo_label"] for row in rows}
 
 
 def test_soft_probability_is_that_of_the_label_given_also_for_gold_labels():
@@ -313,7 +324,7 @@ def test_soft_probability_is_that_of_the_label_given_also_for_gold_labels():
             {"pool_index": 1, "keep": True, "pseudo_label": "b", "prob_a": 0.9},  # a gold label against the model
             {"pool_index": 2, "keep": True, "pseudo_label": "b", "prob_a": 0.3, "prob_a_calibrated": 0.2},
             {"pool_index": 3, "keep": False, "pseudo_label": "a", "prob_a": 0.6}]
-    assert selftrain.read_selected(rows) == {0: ("a", 0.9), 1: ("b", pytest.approx(0.1)), 2: ("b", 0.8)}
+    assert rounds.kept_pairs(rows) == {0: ("a", 0.9), 1: ("b", pytest.approx(0.1)), 2: ("b", 0.8)}
 
 
 LOOP = dict(FAST, rounds=2, threshold=0.505)  # a weak model: its confidences straddle 0.505 and labels flip
@@ -404,14 +415,14 @@ def test_soft_labels_reach_the_training_loss(tmp_path, kind, pm_folder, rm_folde
     computed here from the plain forward (and not the hard loss)."""
     folder = rm_folder if kind == "rm" else pm_folder
     rows = toy.make_pairs(3, 8)
-    pairs = [selftrain.Pair([USER(r["prompt"])], r["chosen"], r["rejected"], prob=0.6) for r in rows]
+    pairs = [Pair([USER(r["prompt"])], r["chosen"], r["rejected"], prob=0.6) for r in rows]
     cfg = make(TrainSettings, model=folder, model_type=kind, out_dir=str(tmp_path), soft_labels=True, max_steps=1,
                global_batch_size=8, micro_batch_size=8, log_every=1, lr=1e-3, warmup_steps=0)
-    _, _, summary = selftrain.train_run(cfg, Dist(), pairs, str(tmp_path / "run"), folder, score=False)
+    _, _, summary = steps.train_run(cfg, Dist(), pairs, str(tmp_path / "run"), folder, score=False)
     model, tokenizer = load_model(cfg, folder)
     model.eval()
     encoder = Encoder(tokenizer, kind, cfg.max_length)
-    examples = encoder.encode_train(pairs, selftrain.placement(cfg, len(pairs), 0))
+    examples = encoder.encode_train(pairs, steps.placement(cfg, len(pairs), 0))
     with torch.no_grad():
         if kind == "rm":
             reward = lambda ids: model(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)).item()
@@ -441,6 +452,6 @@ def test_a_run_saved_before_a_setting_existed_still_resumes(tmp_path):
              if k not in ("calibrate", "calibration_pairs", "keep_stable", "soft_labels")}
     (tmp_path / "settings.json").write_text(json.dumps(saved))
     (tmp_path / "manifest.json").write_text(json.dumps({"final_model": "model", "rounds": [{"round": 0}]}))
-    assert selftrain.finished_run(cfg) == "model"
-    selftrain.claim_out_dir(cfg, Dist(), {})  # no "other settings" error
-    assert selftrain.finished_run(make(TrainSettings, model_type="rm", out_dir=str(tmp_path), soft_labels=True)) is None
+    assert rundir.finished_run(cfg) == "model"
+    rundir.claim_out_dir(cfg, Dist(), {})  # no "other settings" error
+    assert rundir.finished_run(make(TrainSettings, model_type="rm", out_dir=str(tmp_path), soft_labels=True)) is None

@@ -17,7 +17,7 @@ from selfrm.dist import Dist
 from selfrm.filters import confidence_filter, learning_status, pseudo_label
 from selfrm.modeling import load_model
 from selfrm.scoring import score_encoded
-from selfrm.selftrain import gold_report
+from selfrm.metrics import gold_report
 from selfrm.settings import LabelSettings, SettingsError, TrainSettings, make
 
 FAST = dict(lr=3e-3, warmup_steps=1, global_batch_size=16, micro_batch_size=8, log_every=100, epochs=1)

@@ -96,7 +96,7 @@ def test_chat_rows_and_extra_fields_are_read(tmp_path):
 @pytest.mark.parametrize("kind", ["pm", "rm"])
 def test_learns_the_toy_rule_and_saves_a_model_plain_transformers_loads(tmp_path, toy_files, pm_folder, rm_folder, kind):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-    from selfrm.selftrain import train_run
+    from selfrm.steps import train_run
     from selfrm.dist import Dist
     train_file, eval_file = toy_files
     folder = pm_folder if kind == "pm" else rm_folder
@@ -217,12 +217,12 @@ def test_bf16_frozen_weights_halve_the_base_and_merge_in_fp32(tmp_path, toy_file
     """--weights_dtype=bf16 (rm, LoRA): the frozen base is bf16 and the adapters and peft's score
     head fp32 while training; losses stay within bf16's reach of the fp32 run; the merged model
     is fp32(bf16(W)) + (alpha/r) B A exactly, which a merge in bf16 would round away."""
-    from selfrm import selftrain
+    from selfrm import steps
     from selfrm.dist import Dist
-    from selfrm.selftrain import train_run
+    from selfrm.steps import train_run
     trained = []  # the model as training receives it (train_run returns the one saved and loaded back)
-    real_train = selftrain.train
-    monkeypatch.setattr(selftrain, "train", lambda cfg, model, *a, **k: trained.append(model) or real_train(cfg, model, *a, **k))
+    real_train = steps.train
+    monkeypatch.setattr(steps, "train", lambda cfg, model, *a, **k: trained.append(model) or real_train(cfg, model, *a, **k))
     train_file, _ = toy_files
     pairs = load_pairs(train_file)
     common = dict(model=rm_folder, model_type="rm", train_file=train_file, lora=True, lora_dropout=0.0, max_steps=3,
