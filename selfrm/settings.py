@@ -4,16 +4,14 @@ Every script takes `--key value` or `--key=value` flags, a bare `--flag` for a b
 (`--no_flag` or `--flag=false` to turn it off), and `--config=FILE.json` (a JSON object of
 the same keys; flags given after it on the command line win). An unknown key, a value of the
 wrong type or one outside its choices is an error that names the key (and the closest
-setting, for a misspelling). The comment after each field is its documentation: `python
-train.py --help` prints it, in the groups of GROUPS.
+setting, for a misspelling). Each field is `setting(default, help)`: the help text lives in the
+field's metadata, and `python train.py --help` prints it, in the groups of GROUPS.
 """
 import argparse
 import dataclasses
 import difflib
-import inspect
 import json
 import math
-import re
 import sys
 from dataclasses import dataclass
 from typing import ClassVar
@@ -52,34 +50,39 @@ def cli(main, parse):
 
 # ----------------------------------------------------------------------------- shared groups
 
+def setting(default, help):
+    """A field and its --help text, kept as data: any text, wrapped or holding a '#', reads whole."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelSettings:
-    model: str = "toy"  # local folder, hub id, or 'toy' (the built-in tiny model and task)
-    model_type: str = "pm"  # pm: pairwise preference LM (SSRM); rm: scalar reward model (SER)
-    gguf_file: str = ""  # the .gguf file to load from --model, a folder (or hub repo) of GGUF weights; needs gguf
-    trust_remote_code: bool = False  # run code shipped with a hub model; off unless asked for
-    format: str = "auto"  # data format: auto|jsonl|hh|sharegpt|stack_exchange|implicit_prompt (.parquet files too)
-    bad_rows: str = "error"  # error: a bad row stops the run | skip: report each bad row (file:line: field), go on
-    max_length: int = 512  # tokens per sequence; a longer pair has its content cut, never its template
-    dtype: str = "auto"  # bf16|fp16|fp32 autocast; auto = bf16 on a CUDA GPU that has it, else fp32
-    share_prefix: str = "auto"  # a pair's two sequences in one row, their common prefix computed once (rm training, rm and pm scoring); auto = on for Llama, Mistral, Qwen2, Gemma-2 (exact there), off otherwise
-    seed: int = 0  # one seed for data order, A/B placement, splits and initialisation
-    dist_timeout_s: int = 1800  # under torchrun: seconds a collective waits for a rank that stopped answering
+    model: str = setting("toy", "local folder, hub id, or 'toy' (the built-in tiny model and task)")
+    model_type: str = setting("pm", "pm: pairwise preference LM (SSRM); rm: scalar reward model (SER)")
+    gguf_file: str = setting("", "the .gguf file to load from --model, a folder (or hub repo) of GGUF weights; needs gguf")
+    trust_remote_code: bool = setting(False, "run code shipped with a hub model; off unless asked for")
+    format: str = setting("auto", "data format: auto|jsonl|hh|sharegpt|stack_exchange|implicit_prompt (.parquet files too)")
+    bad_rows: str = setting("error", "error: a bad row stops the run | skip: report each bad row (file:line: field), go on")
+    max_length: int = setting(512, "tokens per sequence; a longer pair has its content cut, never its template")
+    dtype: str = setting("auto", "bf16|fp16|fp32 autocast; auto = bf16 on a CUDA GPU that has it, else fp32")
+    share_prefix: str = setting("auto", "a pair's two sequences in one row, their common prefix computed once (rm training, rm and pm scoring); auto = on for Llama, Mistral, Qwen2, Gemma-2 (exact there), off otherwise")
+    seed: int = setting(0, "one seed for data order, A/B placement, splits and initialisation")
+    dist_timeout_s: int = setting(1800, "under torchrun: seconds a collective waits for a rank that stopped answering")
 
 
 @dataclass
 class FilterSettings:
-    filter: str = "confidence"  # confidence (SSRM) | status (SER learning status) | consistent (pm: both orders agree, and confidence) | none
-    threshold: float = 0.8  # confidence filter: keep a pair when max(P, 1-P) >= threshold, P = P(a1 > a2)
-    tau_high: float = 0.55  # status 1 (rm): one response's p = sigmoid(reward), in [0, 1], is above this...
-    tau_low: float = 0.45  # ...and the other's p = sigmoid(reward) is below this
-    tau_delta: float = 0.3  # status 2: |p(a1) - p(a2)| above this, p = sigmoid(reward)
-    status_min_count: int = 600  # a status is met when at least this many pairs of the pool qualify (a pair count)
-    status_min_fraction: float = 0.0  # ...or this share of the pool, whichever is larger
-    status_mode: str = "sequential"  # sequential (the paper: status 1, else 2) | union (released code)
-    label_source: str = "argmax"  # argmax (the paper) | gold (the SSRM release's filter: keeps gold order; not semi-supervised)
-    batch_size: int = 32  # pairs per batch when scoring (labeling the pool, evaluation); not used in training
-    as_unlabeled: bool = False  # the unlabeled file is a labeled one: hide its labels (kept for reporting)
+    filter: str = setting("confidence", "confidence (SSRM) | status (SER learning status) | consistent (pm: both orders agree, and confidence) | none")
+    threshold: float = setting(0.8, "confidence filter: keep a pair when max(P, 1-P) >= threshold, P = P(a1 > a2)")
+    tau_high: float = setting(0.55, "status 1 (rm): one response's p = sigmoid(reward), in [0, 1], is above this...")
+    tau_low: float = setting(0.45, "...and the other's p = sigmoid(reward) is below this")
+    tau_delta: float = setting(0.3, "status 2: |p(a1) - p(a2)| above this, p = sigmoid(reward)")
+    status_min_count: int = setting(600, "a status is met when at least this many pairs of the pool qualify (a pair count)")
+    status_min_fraction: float = setting(0.0, "...or this share of the pool, whichever is larger")
+    status_mode: str = setting("sequential", "sequential (the paper: status 1, else 2) | union (released code)")
+    label_source: str = setting("argmax", "argmax (the paper) | gold (the SSRM release's filter: keeps gold order; not semi-supervised)")
+    batch_size: int = setting(32, "pairs per batch when scoring (labeling the pool, evaluation); not used in training")
+    as_unlabeled: bool = setting(False, "the unlabeled file is a labeled one: hide its labels (kept for reporting)")
 
 
 # ----------------------------------------------------------------------------- per script
@@ -88,74 +91,74 @@ class FilterSettings:
 class TrainSettings(ModelSettings, FilterSettings):
     script: ClassVar[str] = "train.py"  # what --help and errors call it
     choices: ClassVar[dict] = {"model_type": ("pm", "rm")}  # training needs to know the kind
-    train_file: str = ""  # labeled pairs; empty = the built-in toy task (with --model=toy)
-    labeled_fraction: float = 0.0  # > 0: keep this share of --train_file labeled, the rest becomes the pool
-    eval_file: str = ""  # labeled pairs scored after each round
-    out_dir: str = "runs/demo"  # run folder: model/, settings.json, manifest.json, logs
-    resume: bool = True  # continue a run found in out_dir (same settings and inputs); finished work is kept
-    overwrite: bool = False  # with --resume=false: delete what out_dir holds and start over
+    train_file: str = setting("", "labeled pairs; empty = the built-in toy task (with --model=toy)")
+    labeled_fraction: float = setting(0.0, "> 0: keep this share of --train_file labeled, the rest becomes the pool")
+    eval_file: str = setting("", "labeled pairs scored after each round")
+    out_dir: str = setting("runs/demo", "run folder: model/, settings.json, manifest.json, logs")
+    resume: bool = setting(True, "continue a run found in out_dir (same settings and inputs); finished work is kept")
+    overwrite: bool = setting(False, "with --resume=false: delete what out_dir holds and start over")
     # optimisation
-    epochs: int = 1  # passes over the training set per round (SSRM: 1; SER: 2)
-    max_steps: int = 0  # stop after this many optimizer steps (0 = no limit)
-    lr: float = 5e-6  # peak learning rate
-    schedule: str = "cosine"  # cosine | linear | constant, after the warm-up
-    warmup_steps: int = 40  # linear warm-up from 0
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
-    grad_clip: float = 1.0  # max global grad norm (0 = off)
-    global_batch_size: int = 128  # pairs per optimizer step, over all ranks
-    micro_batch_size: int = 4  # pairs per forward on one rank (accumulation fills the rest)
-    group_by_length: bool = False  # micro-batches of similar length inside each global batch
-    gradient_checkpointing: bool = False  # trade compute for activation memory
-    fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of DDP
-    overlong: str = "truncate"  # pairs over --max_length: truncate (cut content, never the template) | drop (leave out; the released code)
-    preview: int = 0  # print the first N training sequences as the model receives them (JSON lines), then exit
-    margin: float = 0.0  # rm: m in -log sigmoid(r_c - r_r - m); a row's 'margin' field adds to it
-    center_rewards_coefficient: float = 0.0  # rm: adds c * mean((r_c + r_r)^2) to the loss (TRL's option; 0 = off)
+    epochs: int = setting(1, "passes over the training set per round (SSRM: 1; SER: 2)")
+    max_steps: int = setting(0, "stop after this many optimizer steps (0 = no limit)")
+    lr: float = setting(5e-6, "peak learning rate")
+    schedule: str = setting("cosine", "cosine | linear | constant, after the warm-up")
+    warmup_steps: int = setting(40, "linear warm-up from 0")
+    weight_decay: float = setting(0.0, "AdamW decoupled weight decay")
+    grad_clip: float = setting(1.0, "max global grad norm (0 = off)")
+    global_batch_size: int = setting(128, "pairs per optimizer step, over all ranks")
+    micro_batch_size: int = setting(4, "pairs per forward on one rank (accumulation fills the rest)")
+    group_by_length: bool = setting(False, "micro-batches of similar length inside each global batch")
+    gradient_checkpointing: bool = setting(False, "trade compute for activation memory")
+    fsdp: bool = setting(False, "under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of DDP")
+    overlong: str = setting("truncate", "pairs over --max_length: truncate (cut content, never the template) | drop (leave out; the released code)")
+    preview: int = setting(0, "print the first N training sequences as the model receives them (JSON lines), then exit")
+    margin: float = setting(0.0, "rm: m in -log sigmoid(r_c - r_r - m); a row's 'margin' field adds to it")
+    center_rewards_coefficient: float = setting(0.0, "rm: adds c * mean((r_c + r_r)^2) to the loss (TRL's option; 0 = off)")
     # LoRA
-    lora: bool = False  # train LoRA adapters instead of all weights
-    lora_r: int = 8  # rank of each adapter: a weight W trains as W + (lora_alpha / lora_r) * B A, B A of this rank
-    lora_alpha: int = 32  # scale of the adapters: their update B A is multiplied by lora_alpha / lora_r
-    lora_dropout: float = 0.1  # dropout on what enters the adapters, in training
-    lora_target_modules: str = ""  # comma-separated module names; empty = peft's default for the model
-    save_adapter_only: bool = False  # save the LoRA adapter (+ score head) instead of the merged model
-    weights_dtype: str = "fp32"  # frozen weights (the base under --lora): fp32 | bf16 (half their memory); trainable ones stay fp32
+    lora: bool = setting(False, "train LoRA adapters instead of all weights")
+    lora_r: int = setting(8, "rank of each adapter: a weight W trains as W + (lora_alpha / lora_r) * B A, B A of this rank")
+    lora_alpha: int = setting(32, "scale of the adapters: their update B A is multiplied by lora_alpha / lora_r")
+    lora_dropout: float = setting(0.1, "dropout on what enters the adapters, in training")
+    lora_target_modules: str = setting("", "comma-separated module names; empty = peft's default for the model")
+    save_adapter_only: bool = setting(False, "save the LoRA adapter (+ score head) instead of the merged model")
+    weights_dtype: str = setting("fp32", "frozen weights (the base under --lora): fp32 | bf16 (half their memory); trainable ones stay fp32")
     # bookkeeping
-    log_every: int = 10  # steps between log lines (and JSONL rows in train_log.jsonl)
-    save_every: int = 100  # steps between resumable checkpoints (0 = only at the end)
+    log_every: int = setting(10, "steps between log lines (and JSONL rows in train_log.jsonl)")
+    save_every: int = setting(100, "steps between resumable checkpoints (0 = only at the end)")
     # self-training (active when --unlabeled_file is given)
-    unlabeled_file: str = ""  # pool of unlabeled pairs {prompt, response_a, response_b}
-    rounds: int = 3  # self-training rounds after round 0 (up to rounds+1 trained models)
-    init_from: str = "base"  # base: each round restarts from --model (SSRM); previous: from the last round
-    skip_initial_training: bool = False  # --model is already a reward model: no round-0 training
+    unlabeled_file: str = setting("", "pool of unlabeled pairs {prompt, response_a, response_b}")
+    rounds: int = setting(3, "self-training rounds after round 0 (up to rounds+1 trained models)")
+    init_from: str = setting("base", "base: each round restarts from --model (SSRM); previous: from the last round")
+    skip_initial_training: bool = setting(False, "--model is already a reward model: no round-0 training")
     # selection rules beyond the papers (off by default)
-    calibrate: str = "none"  # temperature: after each round, fit one T on held-out labeled pairs; label with sigmoid(logit(P) / T)
-    calibration_pairs: int = 100  # --calibrate=temperature: labeled pairs held out of training to fit T on (seeded, the same every round)
-    keep_stable: bool = False  # from the second labeled round: keep a pair only if its pseudo-label equals the previous round's
-    soft_labels: bool = False  # a pseudo-labeled pair trains towards its (calibrated) probability, not the hard label
+    calibrate: str = setting("none", "temperature: after each round, fit one T on held-out labeled pairs; label with sigmoid(logit(P) / T)")
+    calibration_pairs: int = setting(100, "--calibrate=temperature: labeled pairs held out of training to fit T on (seeded, the same every round)")
+    keep_stable: bool = setting(False, "from the second labeled round: keep a pair only if its pseudo-label equals the previous round's")
+    soft_labels: bool = setting(False, "a pseudo-labeled pair trains towards its (calibrated) probability, not the hard label")
 
 
 @dataclass
 class LabelSettings(ModelSettings, FilterSettings):
     script: ClassVar[str] = "label.py"
-    model_type: str = "auto"  # auto: from the model's settings.json or architecture; pm | rm overrides
-    max_length: int = 0  # tokens per sequence; 0 = the max_length the model was trained at (its settings.json), else 512
-    unlabeled_file: str = ""  # input pool {prompt, response_a, response_b, ...}
-    out_file: str = ""  # output JSONL; a summary goes to <out_file minus .jsonl>.summary.json
-    emit: str = "rows"  # rows: every input row plus scores | pairs: kept rows as {prompt, chosen, rejected}
-    temperature: float = 1.0  # label with P_T = sigmoid(logit(P) / T) (a T that train.py --calibrate=temperature fitted); 1 = as scored
+    model_type: str = setting("auto", "auto: from the model's settings.json or architecture; pm | rm overrides")
+    max_length: int = setting(0, "tokens per sequence; 0 = the max_length the model was trained at (its settings.json), else 512")
+    unlabeled_file: str = setting("", "input pool {prompt, response_a, response_b, ...}")
+    out_file: str = setting("", "output JSONL; a summary goes to <out_file minus .jsonl>.summary.json")
+    emit: str = setting("rows", "rows: every input row plus scores | pairs: kept rows as {prompt, chosen, rejected}")
+    temperature: float = setting(1.0, "label with P_T = sigmoid(logit(P) / T) (a T that train.py --calibrate=temperature fitted); 1 = as scored")
 
 
 @dataclass
 class EvalSettings(ModelSettings):
     script: ClassVar[str] = "evaluate.py"
-    model_type: str = "auto"  # auto: from the model's settings.json or architecture; pm | rm overrides
-    max_length: int = 0  # tokens per sequence; 0 = the max_length the model was trained at (its settings.json), else 512
-    eval_file: str = ""  # labeled pairs {prompt, chosen, rejected, [subset], [id]}
-    out_file: str = ""  # metrics JSON (empty = print only)
-    predictions_file: str = ""  # one row per pair: id, subset, prob_chosen, correct
-    batch_size: int = 32  # pairs per batch when scoring
-    limit: int = 0  # evaluate the first N pairs only (0 = all)
-    plot: bool = True  # write <out_file>.png when matplotlib is installed
+    model_type: str = setting("auto", "auto: from the model's settings.json or architecture; pm | rm overrides")
+    max_length: int = setting(0, "tokens per sequence; 0 = the max_length the model was trained at (its settings.json), else 512")
+    eval_file: str = setting("", "labeled pairs {prompt, chosen, rejected, [subset], [id]}")
+    out_file: str = setting("", "metrics JSON (empty = print only)")
+    predictions_file: str = setting("", "one row per pair: id, subset, prob_chosen, correct")
+    batch_size: int = setting(32, "pairs per batch when scoring")
+    limit: int = setting(0, "evaluate the first N pairs only (0 = all)")
+    plot: bool = setting(True, "write <out_file>.png when matplotlib is installed")
 
 
 CHOICES = {
@@ -198,9 +201,9 @@ GROUPS = {
 
 
 # ----------------------------------------------------------------------------- parsing
-# argparse (the standard library) rather than transformers' HfArgumentParser: it reads the
-# comments below as help, lets `--config=FILE.json` take its place among the flags (later
-# ones win, in order), and needs nothing selfrm does not already depend on.
+# argparse (the standard library) rather than transformers' HfArgumentParser: it lets
+# `--config=FILE.json` take its place among the flags (later ones win, in order), and needs
+# nothing selfrm does not already depend on.
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # a SettingsError, not argparse's exit: callers print `error: ...`
@@ -251,15 +254,6 @@ class _Config(argparse.Action):
             setattr(namespace, key, _config_value(key, value, parser.field_types[key]))
 
 
-def _comments(cls):
-    """The comment written after each field in the source: its help text."""
-    comments = {}
-    for klass in reversed(cls.__mro__[:-1]):
-        for m in re.finditer(r"^\s+(\w+): \w+ = [^#\n]*#\s*(.*)$", inspect.getsource(klass), re.M):
-            comments[m.group(1)] = m.group(2)
-    return comments
-
-
 def build_parser(cls, defaults=None, demo=None):
     """An argparse parser for the fields of `cls`: `--key value`, `--key=value`, a bare
     `--flag` for a boolean (`--no_flag` or `--flag=false` turns it off), `--config=FILE.json`.
@@ -274,7 +268,6 @@ def build_parser(cls, defaults=None, demo=None):
     parser.field_types = {k: f.type for k, f in fields.items()}
     parser.add_argument("--config", action=_Config, metavar="FILE.json",
                         help="a JSON object of settings, applied at its place among the flags")
-    comments = _comments(cls)
     grouped = [(title, [k for k in keys if k in fields]) for title, keys in GROUPS.items()]
     grouped.append(("other", [k for k in fields if not any(k in keys for keys in GROUPS.values())]))
     for title, keys in grouped:
@@ -285,7 +278,7 @@ def build_parser(cls, defaults=None, demo=None):
             shown = f"default: {default!r}"
             if demo and key in demo and demo[key] != default:
                 shown += f"; demo: {demo[key]!r}"
-            text = f"{comments.get(key, '')} ({shown})"
+            text = f"{f.metadata.get('help', '')} ({shown})"
             if f.type is bool:
                 group.add_argument(f"--{key}", nargs="?", const=True, type=_flag_value(key, bool), help=text,
                                    metavar="true|false")

@@ -315,8 +315,6 @@ def train(cfg, model, tokenizer, examples, run_dir, world, label_ids=None, desc=
     t_window = time.time()
     batches, batches_epoch = None, -1
     while step < total_steps:
-        if os.environ.get("SELFRM_TEST_STALL_RANK") == str(world.rank):  # tests: this rank stops answering
-            time.sleep(3600)
         epoch, index = divmod(step, steps_per_epoch)
         if epoch != batches_epoch:
             batches, batches_epoch = global_batches(lengths, cfg, world, epoch), epoch

@@ -1,7 +1,9 @@
 """Conventions users bring with them (issue: argparse-style flags, TRL's implicit-prompt and
 Parquet data, centred rewards, one binning rule for calibration)."""
+import dataclasses
 import json
 import math
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ from conftest import need_data, write_jsonl
 from selfrm.formats import DataError, load_pairs, load_unlabeled
 from selfrm.losses import pairwise_loss
 from selfrm.metrics import calibration
-from selfrm.settings import SettingsError, TrainSettings, make, parse_args
+from selfrm.settings import SettingsError, TrainSettings, make, parse_args, setting
 
 
 # ----------------------------------------------------------------------------- flags
@@ -48,13 +50,31 @@ def test_bad_flags_name_the_key():
         parse_args(TrainSettings, ["--schedule", "steps"])
 
 
-def test_help_is_built_from_the_settings_comments(capsys):
+def test_help_is_built_from_the_settings_help_texts(capsys):
     with pytest.raises(SystemExit) as e:
         parse_args(TrainSettings, ["--help"])
     assert e.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "--margin FLOAT rm: m in -log sigmoid(r_c - r_r - m)" in text
     assert "--lora [true|false] train LoRA adapters instead of all weights (default: False)" in text
+
+
+def test_help_shows_a_help_text_that_wraps_or_holds_a_hash_and_a_default_that_holds_one(capsys):
+    """A regex over the source cut these: at the '#' of a default, at the end of a line."""
+    @dataclasses.dataclass
+    class Odd:
+        script: ClassVar[str] = "odd.py"
+        tag: str = setting("#1", "a tag such as '#2' # kept whole")
+        note: str = setting("a#b", "a help text that wraps onto "
+                                   "a second line of source")
+    with pytest.raises(SystemExit) as e:
+        parse_args(Odd, ["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--tag STR a tag such as '#2' # kept whole (default: '#1')" in text
+    assert "--note STR a help text that wraps onto a second line of source (default: 'a#b')" in text
+    assert dataclasses.asdict(parse_args(Odd, ["--note=c#d"])) == {"tag": "#1", "note": "c#d"}
+    assert type(Odd())() == Odd(**dataclasses.asdict(Odd())) == Odd("#1", "a#b")
 
 
 # ----------------------------------------------------------------------------- TRL's implicit prompt

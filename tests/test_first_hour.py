@@ -26,8 +26,8 @@ from selfrm.dist import Dist
 from selfrm.modeling import load_model, load_tokenizer
 from selfrm.rundir import RunDir
 from selfrm.steps import train_run
-from selfrm.settings import (CHOICES, GROUPS, EvalSettings, LabelSettings, TrainSettings, _comments, build_parser,
-                             cli, make, parse_args)
+from selfrm.settings import (CHOICES, GROUPS, EvalSettings, LabelSettings, TrainSettings, build_parser, cli, make,
+                             parse_args)
 
 SCRIPTS = {"train.py": TrainSettings, "label.py": LabelSettings, "evaluate.py": EvalSettings}
 
@@ -209,9 +209,8 @@ def test_help_names_the_script_and_groups_the_settings_in_the_order_of_use(capsy
     if script == "train.py":
         assert titles == ["model and data", "training", "LoRA", "self-training and filters", "scoring",
                           "distributed (torchrun)", "bookkeeping"]
-    comments = _comments(cls)
     for f in dataclasses.fields(cls):  # every setting says what it does
-        assert comments.get(f.name, "").strip(), f.name
+        assert f.metadata.get("help", "").strip(), f.name
         assert flag_help(cls, f.name).split("(default:")[0].strip(), f.name
 
 

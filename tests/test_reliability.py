@@ -329,11 +329,32 @@ def test_11_files_and_folders_follow_the_umask(tmp_path, toy_files, rm_folder, m
 
 # ----------------------------------------------------------------------------- distributed
 
+STALL_RANK_1 = """
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+from selfrm import trainer
+import train
+
+real = trainer.lr_at
+
+def stalling(step, total, cfg):  # rank 1 stops answering after its first backward; rank 0 waits on it
+    if os.environ["RANK"] == "1":
+        time.sleep(3600)
+    return real(step, total, cfg)
+
+trainer.lr_at = stalling
+from selfrm.settings import cli
+cli(train.main, lambda: train.settings_from_argv(sys.argv[2:]))
+"""
+
+
 def test_12_a_stalled_rank_ends_the_run_with_a_timeout_error(tmp_path, toy_files, pm_folder):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SELFRM_TEST_STALL_RANK": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    wrapper = tmp_path / "stalling.py"
+    wrapper.write_text(STALL_RANK_1)
     start = time.time()
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
-                           "train.py", f"--model={pm_folder}", f"--train_file={toy_files[0]}", "--max_steps=2",
+                           str(wrapper), ROOT, f"--model={pm_folder}", f"--train_file={toy_files[0]}", "--max_steps=2",
                            "--global_batch_size=16", "--micro_batch_size=8", "--dist_timeout_s=5",
                            f"--out_dir={tmp_path / 'o'}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
