@@ -38,7 +38,7 @@ from selfrm.dist import Dist  # noqa: E402
 from selfrm.modeling import PreferenceModel, RewardModel  # noqa: E402
 from selfrm.scoring import score_encoded  # noqa: E402
 from selfrm.sharing import shared_length  # noqa: E402
-from selfrm.trainer import backward_global_batch, collate_rm  # noqa: E402
+from selfrm.trainer import Setup, backward_global_batch, collate_rm  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
 FILES = {"HH-RLHF harmless": "hh-rlhf-harmless-base-test.jsonl.gz", "UltraFeedback": "ultrafeedback-binarized-1k-train.jsonl"}
@@ -125,7 +125,7 @@ def train_time(model, encoded, pad_id, share):
     step = sorted(examples, key=lambda e: max(len(e["chosen_ids"]), len(e["rejected_ids"])))
     micro = [step[i:i + MICRO] for i in range(0, len(step), MICRO)]
     start = time.perf_counter()
-    backward_global_batch(model, micro, len(step), collate, Dist(), nullcontext(), scaler)
+    backward_global_batch(Setup(model, model, None, [], nullcontext(), scaler, collate, Dist()), micro, len(step))
     elapsed = time.perf_counter() - start
     model.zero_grad(set_to_none=True)
     model.eval()

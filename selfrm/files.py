@@ -149,6 +149,11 @@ def read_json(path):
         return json.load(f)
 
 
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def fingerprint(path):
     """{"size", "sha256"} of a file: a rerun compares it to tell changed input."""
     digest = hashlib.sha256()

@@ -7,7 +7,6 @@ Layout: a plain training run keeps its model in `model/`; a self-training run ha
 folder per round, `round_K/`, each holding `model/` (when that round trained), the labeled
 pool `pool.jsonl` and its `pool.summary.json`. `manifest.json` names the final model.
 """
-import json
 import os
 import shutil
 import time
@@ -17,7 +16,7 @@ import torch
 
 from selfrm import dist, settings
 from selfrm.report import round_line
-from selfrm.files import (Locked, dump_json, dump_jsonl, fingerprint, lock, publish_together, read_json,
+from selfrm.files import (Locked, dump_json, dump_jsonl, fingerprint, lock, publish_together, read_json, read_jsonl,
                           remove_leftovers, write_json)
 from selfrm.settings import SettingsError
 
@@ -137,11 +136,11 @@ def finished_run(cfg, demo=False):
 # ----------------------------------------------------------------------------- the manifest and resume
 
 class RunDir:
-    """The run folder of a self-training run (or, plain=True, of one training run): its
-    manifest, kept in memory and rewritten after every round, and `once`."""
+    """The folder of a self-training run: its manifest, kept in memory and rewritten after
+    every round, and `once`."""
 
-    def __init__(self, cfg, world, inputs=None, plain=False):
-        self.cfg, self.world, self.plain = cfg, world, plain
+    def __init__(self, cfg, world, inputs=None):
+        self.cfg, self.world = cfg, world
         self.path = os.path.join(cfg.out_dir, "manifest.json")
         self.manifest = read_json(self.path) if os.path.exists(self.path) else {**(inputs or {}), "rounds": []}
         self.rounds, self.started = self.manifest["rounds"], {}
@@ -171,13 +170,13 @@ class RunDir:
     def record(self, record):
         """Append a finished round to the manifest, which is rewritten whole, and say so."""
         self.rounds.append(record)
-        self.manifest["final_model"] = "model" if self.plain else os.path.relpath(self.last_model(), self.cfg.out_dir)
+        self.manifest["final_model"] = os.path.relpath(self.last_model(), self.cfg.out_dir)
         if self.world.master:
             write_json(self.path, {"final_model": self.manifest["final_model"], **self.manifest})
         dist.print0(round_line(record))
 
     def round_dir(self, t):
-        return self.cfg.out_dir if self.plain else os.path.join(self.cfg.out_dir, f"round_{t}")
+        return os.path.join(self.cfg.out_dir, f"round_{t}")
 
     def last_model(self):
         """The newest trained model: a round's model folder, or --model itself."""
@@ -232,8 +231,3 @@ def write_rows_and_summary(path, rows, summary):
 def summary_path(out_file):
     base = out_file[:-len(".jsonl")] if out_file.endswith(".jsonl") else out_file
     return base + ".summary.json"
-
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]

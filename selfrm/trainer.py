@@ -1,5 +1,6 @@
 """The training loop and its collators: AdamW, warm-up + decay, gradient accumulation,
-clipping, autocast (+ GradScaler for fp16), DDP, logging, resumable checkpoints, the final save.
+clipping, autocast (+ GradScaler for fp16), DDP or FSDP2, logging, the final save (resumable
+checkpoints: checkpoint.py).
 
 Every rank computes the same plan of global batches from (seed, epoch), takes its strided
 share of each, and splits that into micro-batches. Each micro-batch's loss is
@@ -14,6 +15,7 @@ import shutil
 import signal
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -21,11 +23,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from selfrm import dist, settings
-from selfrm.files import TMP_SUFFIX, atomic_path
-from selfrm.fsdp import full_model_state, is_sharded, load_sharded, save_sharded, shard_from_rank0
+from selfrm.checkpoint import load_checkpoint, read_log, save_checkpoint
+from selfrm.fsdp import full_model_state, is_sharded, shard_from_rank0
 from selfrm.losses import pairwise_loss, srm_loss
 from selfrm.modeling import rebuilt, save_model
-from selfrm.settings import SettingsError
 from selfrm.sharing import last_non_pad, pack_pairs, pad_right, resolve_share_prefix
 
 
@@ -119,26 +120,26 @@ def pair_rewards(model, batch):
     return model(batch["input_ids"], batch["attention_mask"]).chunk(2)
 
 
-def backward_global_batch(model, micro, n_global, collate, world, autocast, scaler, margin=0.0, center=0.0,
-                          micro_steps=0):
+def backward_global_batch(s, micro, n_global, micro_steps=0):
     """Forward and backward this rank's micro-batches (lists of examples) of one global batch
     of n_global pairs; gradients end up as the mean over the global batch. Returns this
-    rank's (loss sum, correct count) as a device tensor: no host sync here.
+    rank's (loss sum, correct count) as a device tensor: no host sync here. s: the Setup.
 
     micro_steps: run at least this many forward/backward passes. Under FSDP each one gathers
     weights from every rank, so a rank with fewer micro-batches than another (9 pairs on 2
     ranks) repeats its first one with weight 0: it takes part and adds nothing."""
+    device, world_size = s.world.device, s.world.world_size
     weights = [1.0] * len(micro) + [0.0] * max(0, micro_steps - len(micro))
-    stats = torch.zeros(2, device=world.device)
+    stats = torch.zeros(2, device=device)
     for k, weight in enumerate(weights):
         examples = micro[k] if weight else micro[0]
-        batch = {key: v.to(world.device, non_blocking=True) for key, v in collate(examples).items()}
+        batch = {key: v.to(device, non_blocking=True) for key, v in s.collate(examples).items()}
         # a padding step draws its dropout masks from a copy of the RNG: later steps see what they would under DDP
-        rng = nullcontext() if weight else torch.random.fork_rng(devices=[world.device] if world.device.type == "cuda" else [])
-        with gradient_sync(model, last=k == len(weights) - 1), rng:
-            with autocast:
-                losses, correct = pair_losses(model, batch, margin, center)
-            scaler.scale(losses.sum() * (weight * world.world_size / n_global)).backward()
+        rng = nullcontext() if weight else torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+        with gradient_sync(s.model, last=k == len(weights) - 1), rng:
+            with s.autocast:
+                losses, correct = pair_losses(s.model, batch, s.margin, s.center)
+            s.scaler.scale(losses.sum() * (weight * world_size / n_global)).backward()
         if weight:
             stats += torch.stack([losses.detach().sum(), correct.sum().float()])
     return stats
@@ -203,71 +204,27 @@ def make_collate(model_type, tokenizer, label_ids, share_prefix=False, soft_labe
     return collate
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-def save_checkpoint(path, raw_model, optimizer, scaler, step, world, window):
-    """Trainable weights, optimizer and scaler state, step, every rank's RNG state and open
-    log window, written whole or not at all (plain tensors and numbers: loads with
-    weights_only=True). A sharded (FSDP) model's weights and optimizer state are written by
-    every rank as its own shards (torch.distributed.checkpoint), which state.pt names."""
-    cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0, dtype=torch.uint8)
-    per_rank = dist.gather_shards([(torch.get_rng_state(), cuda_rng, window["sums"].cpu())], world)
-    state = {"scaler": scaler.state_dict(), "step": step, "rng": [r[0] for r in per_rank],
-             "cuda_rng": [r[1] for r in per_rank], "window_sums": [r[2] for r in per_rank],
-             "window_pairs": window["pairs"], "window_tokens": window["tokens"]}
-    if is_sharded(raw_model):
-        # every rank writes its shards into a hidden folder; rank 0 renames it into place, then
-        # state.pt (one rename) points at it, then the older one goes: one is complete at every moment
-        name = f"shards-{step:08d}"
-        hidden, target = os.path.join(path, f".{name}{TMP_SUFFIX}"), os.path.join(path, name)
-        save_sharded(hidden, raw_model, optimizer)
-        dist.barrier()
-        if world.master:
-            if os.path.exists(target):  # left by a kill between this rename and state.pt's: state.pt never named it
-                shutil.rmtree(target)
-            os.replace(hidden, target)
-            state["shards"] = name
-    elif world.master:
-        state["model"] = {n: p.detach().cpu() for n, p in raw_model.named_parameters() if p.requires_grad}
-        state["optimizer"] = optimizer.state_dict()
-    if world.master:
-        with atomic_path(os.path.join(path, "state.pt")) as tmp:  # one file, replaced in one rename
-            torch.save(state, tmp)
-        for old in os.listdir(path):
-            if old.startswith("shards-") and old != state.get("shards"):
-                shutil.rmtree(os.path.join(path, old))
-
-
-def load_checkpoint(path, raw_model, optimizer, scaler, world):
-    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
-    if len(state["rng"]) != world.world_size:  # each rank's data shard and RNG state belong to its count
-        raise SettingsError(f"{path}: this run was checkpointed by {len(state['rng'])} ranks and is resumed by "
-                            f"{world.world_size}: resume it with --nproc_per_node={len(state['rng'])}, or start over "
-                            f"with --resume=false --overwrite=true")
-    if is_sharded(raw_model):
-        load_sharded(os.path.join(path, state["shards"]), raw_model, optimizer)
-    else:
-        missing = raw_model.load_state_dict(state["model"], strict=False).unexpected_keys
-        if missing:
-            raise ValueError(f"{path}: checkpoint weights {missing[:3]} do not belong to this model")
-        optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"][world.rank])
-    if torch.cuda.is_available() and state["cuda_rng"][world.rank].numel():
-        torch.cuda.set_rng_state(state["cuda_rng"][world.rank])
-    window = {"sums": state["window_sums"][world.rank].to(world.device), "pairs": state["window_pairs"],
-              "tokens": state["window_tokens"]}
-    return state["step"], window
-
-
 # ----------------------------------------------------------------------------- the loop
 
-def train(cfg, model, tokenizer, examples, run_dir, world, label_ids=None, desc="train", counts=None):
-    """Train `model` (a PreferenceModel or RewardModel) on encoded `examples`; save the final
-    model to run_dir/model and return a summary (`counts`, the encoder's truncated/dropped,
-    join it), which is also saved in the model folder. Resumes from run_dir/checkpoint."""
-    device = world.device
-    fsdp = cfg.fsdp and world.ddp
+@dataclass
+class Setup:
+    """What every optimizer step uses, made once (set_up): the model as it trains (DDP- or
+    FSDP-wrapped; raw_model is the unwrapped one, which is checkpointed and saved)."""
+    model: torch.nn.Module
+    raw_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    params: list  # the trainable parameters, in the model's order (clipping's norm sums them in it)
+    autocast: object  # torch.autocast, or nullcontext for fp32
+    scaler: torch.amp.GradScaler  # enabled for fp16 only
+    collate: object  # examples -> a batch of tensors (make_collate)
+    world: dist.Dist
+    margin: float = 0.0  # rm: the loss's margin m, on top of each pair's own
+    center: float = 0.0  # rm: --center_rewards_coefficient
+
+
+def set_up(cfg, model, tokenizer, world, label_ids):
+    """Wrap the model (FSDP2 or DDP) and make its optimizer, AMP context and collator."""
+    device, fsdp = world.device, cfg.fsdp and world.ddp
     raw_model = model if fsdp else model.to(device)
     # training mode: dropout (the model's, LoRA's) is on, and the library only checkpoints in it
     raw_model.train()
@@ -288,103 +245,123 @@ def train(cfg, model, tokenizer, examples, run_dir, world, label_ids=None, desc=
     # cannot take the layout is refused here, before round 0 trains, not when the pool is first scored
     share_prefix = resolve_share_prefix(cfg.share_prefix, raw_model.hf.config) and cfg.model_type == "rm"
     collate = make_collate(cfg.model_type, tokenizer, label_ids, share_prefix, cfg.soft_labels)
+    return Setup(model, raw_model, optimizer, params, autocast, scaler, collate, world, cfg.margin,
+                 cfg.center_rewards_coefficient)
+
+
+def total_steps_of(cfg, lengths, world, desc):
+    """(optimizer steps per epoch, in the run): epochs of global batches, at most --max_steps."""
+    steps_per_epoch = len(global_batches(lengths, cfg, world, 0))
+    total = cfg.epochs * steps_per_epoch
+    if cfg.max_steps > 0:
+        total = min(total, cfg.max_steps)
+    if total == 0:
+        raise ValueError(f"{desc}: {len(lengths)} pairs make no global batch of {world.world_size}+ pairs")
+    warn_few_steps(cfg, len(lengths), total, desc)
+    return steps_per_epoch, total
+
+
+def optimizer_step(s, cfg, step, total_steps):
+    """The learning rate of this step, then clip (after unscaling fp16's gradients), step, zero."""
+    lr = lr_at(step, total_steps, cfg)
+    for group in s.optimizer.param_groups:
+        group["lr"] = lr
+    if cfg.grad_clip > 0:
+        s.scaler.unscale_(s.optimizer)
+        torch.nn.utils.clip_grad_norm_(s.params, cfg.grad_clip)
+    s.scaler.step(s.optimizer)
+    s.scaler.update()
+    s.optimizer.zero_grad(set_to_none=True)
+    return lr
+
+
+def new_window(device):
+    """This rank's loss sum and correct count, and the global batches' pairs and tokens, since the last log."""
+    return {"sums": torch.zeros(2, device=device), "pairs": 0, "tokens": 0}
+
+
+def train(cfg, model, tokenizer, examples, run_dir, world, label_ids=None, desc="train", counts=None):
+    """Train `model` (a PreferenceModel or RewardModel) on encoded `examples`; save the final
+    model to run_dir/model and return a summary (`counts`, the encoder's truncated/dropped,
+    join it), which is also saved in the model folder. Resumes from run_dir/checkpoint."""
+    s = set_up(cfg, model, tokenizer, world, label_ids)
     lengths = [example_length(e) for e in examples]
     tokens_of = [len(e["input_ids"]) if "input_ids" in e else len(e["chosen_ids"]) + len(e["rejected_ids"])
                  for e in examples]
-
-    steps_per_epoch = len(global_batches(lengths, cfg, world, 0))
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps > 0:
-        total_steps = min(total_steps, cfg.max_steps)
-    if total_steps == 0:
-        raise ValueError(f"{desc}: {len(examples)} pairs make no global batch of {world.world_size}+ pairs")
-    warn_few_steps(cfg, len(examples), total_steps, desc)
-
+    steps_per_epoch, total_steps = total_steps_of(cfg, lengths, world, desc)
     ckpt_dir, log_path = os.path.join(run_dir, "checkpoint"), os.path.join(run_dir, "train_log.jsonl")
     os.makedirs(run_dir, exist_ok=True)
-    step = 0
-    # this rank's loss sum and correct count, and the global batch's pairs and tokens, since the last log
-    window = {"sums": torch.zeros(2, device=device), "pairs": 0, "tokens": 0}
+    step, window = 0, new_window(world.device)
     if os.path.exists(os.path.join(ckpt_dir, "state.pt")):
-        step, window = load_checkpoint(ckpt_dir, raw_model, optimizer, scaler, world)
+        step, window = load_checkpoint(ckpt_dir, s.raw_model, s.optimizer, s.scaler, world)
         dist.print0(f"{desc}: resumed from {ckpt_dir} at step {step}/{total_steps}")
-    log_rows = _read_log(log_path, step)
-
-    # -------------------------------------------------------------------------- loop
+    log_rows = read_log(log_path, step)
     bar = tqdm(total=total_steps, initial=step, desc=desc, disable=not world.master, dynamic_ncols=True, leave=False)
-    t_window = time.time()
-    batches, batches_epoch = None, -1
-    while step < total_steps:
+    t_window, batches, batches_epoch = time.time(), None, -1
+    while step < total_steps:  # (a preemption's exception closes the bar on its way out)
         epoch, index = divmod(step, steps_per_epoch)
         if epoch != batches_epoch:
             batches, batches_epoch = global_batches(lengths, cfg, world, epoch), epoch
         global_batch = batches[index]
         micro = [[examples[i] for i in idx] for idx in micro_batches(global_batch, cfg, world)]
-        window["sums"] += backward_global_batch(model, micro, len(global_batch), collate, world, autocast, scaler,
-                                                cfg.margin, cfg.center_rewards_coefficient,
-                                                most_micro_batches(global_batch, cfg, world) if fsdp else 0)
-        lr = lr_at(step, total_steps, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        # under FSDP every rank runs as many micro-steps as rank 0 (each one gathers weights)
+        fsdp_steps = most_micro_batches(global_batch, cfg, world) if is_sharded(s.model) else 0
+        window["sums"] += backward_global_batch(s, micro, len(global_batch), fsdp_steps)
+        lr = optimizer_step(s, cfg, step, total_steps)
         step += 1
         window["pairs"] += len(global_batch)
         window["tokens"] += sum(tokens_of[i] for i in global_batch)
         bar.update(1)
-
         if step % cfg.log_every == 0 or step == total_steps:  # the only host sync of the loop
-            loss_sum, correct_sum = dist.all_reduce_sum(window["sums"].clone()).tolist()
-            elapsed, pairs = time.time() - t_window, window["pairs"]
-            row = {"step": step, "epoch": epoch, "loss": loss_sum / pairs, "accuracy": correct_sum / pairs,
-                   "lr": lr, "pairs_per_s": pairs / elapsed, "tokens_per_s": window["tokens"] / elapsed}
-            log_rows.append(row)
+            log_rows.append(log_step(window, time.time() - t_window, step, epoch, lr, world, log_path))
             if world.master:
+                row = log_rows[-1]
                 bar.write(f"{desc} step {step:5d}/{total_steps} | loss {row['loss']:.4f} | acc {row['accuracy']:.3f} "
                           f"| lr {lr:.2e} | {row['pairs_per_s']:.1f} pairs/s | {row['tokens_per_s']:.0f} tok/s")
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-            window = {"sums": torch.zeros(2, device=device), "pairs": 0, "tokens": 0}
-            t_window = time.time()
-        preempted = dist.preemption_signal(world) if step < total_steps else None
-        if preempted or (cfg.save_every > 0 and step % cfg.save_every == 0 and step < total_steps):
-            save_checkpoint(ckpt_dir, raw_model, optimizer, scaler, step, world, window)
-        if preempted:
-            dist.barrier()  # rank 0's state.pt is written before any rank exits (torchrun would kill it)
-            bar.close()
-            raise dist.Preempted(f"{desc}: stopped by {signal.Signals(preempted).name} after step {step}/{total_steps}; "
-                                 f"checkpoint written to {ckpt_dir}: rerun the same command to resume", preempted)
+            window, t_window = new_window(world.device), time.time()
+        checkpoint_or_stop(cfg, s, step, total_steps, window, ckpt_dir, desc, bar)
     bar.close()
-
-    # -------------------------------------------------------------------------- save
-    to_save = raw_model
-    if is_sharded(raw_model):
-        full = full_model_state(raw_model)  # a collective: every rank takes part, rank 0 receives
-        to_save = rebuilt(raw_model, full) if world.master else None
-    elif world.master and cfg.weights_dtype != "fp32" and not cfg.save_adapter_only:  # merge in fp32
-        to_save = rebuilt(raw_model, {k: v.detach().to("cpu", torch.float32) for k, v in raw_model.state_dict().items()})
     last = log_rows[-1] if log_rows else {}
     summary = {"steps": total_steps, "pairs": len(examples), "train_loss": last.get("loss"),
                "train_accuracy": last.get("accuracy"), **(counts or {})}
-    if world.master:
-        save_model(to_save, tokenizer, os.path.join(run_dir, "model"), settings.to_dict(cfg), cfg.save_adapter_only, summary)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-    dist.barrier()
+    save_final(cfg, s, tokenizer, run_dir, summary)
     return summary
 
 
-def _read_log(path, step):
-    """Log rows up to `step` (a resumed run rewrites what came after its checkpoint)."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    rows = [r for r in rows if r["step"] <= step]
-    if dist.is_master():
-        with atomic_path(path) as tmp, open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-    return rows
+def log_step(window, elapsed, step, epoch, lr, world, log_path):
+    """The step's log row, summed over ranks (a host sync), appended to train_log.jsonl."""
+    loss_sum, correct_sum = dist.all_reduce_sum(window["sums"].clone()).tolist()
+    pairs = window["pairs"]
+    row = {"step": step, "epoch": epoch, "loss": loss_sum / pairs, "accuracy": correct_sum / pairs,
+           "lr": lr, "pairs_per_s": pairs / elapsed, "tokens_per_s": window["tokens"] / elapsed}
+    if world.master:
+        with open(log_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    return row
+
+
+def checkpoint_or_stop(cfg, s, step, total_steps, window, ckpt_dir, desc, bar):
+    """Checkpoint every --save_every steps; on a preemption signal, checkpoint and stop."""
+    preempted = dist.preemption_signal(s.world) if step < total_steps else None
+    if preempted or (cfg.save_every > 0 and step % cfg.save_every == 0 and step < total_steps):
+        save_checkpoint(ckpt_dir, s.raw_model, s.optimizer, s.scaler, step, s.world, window)
+    if preempted:
+        dist.barrier()  # rank 0's state.pt is written before any rank exits (torchrun would kill it)
+        bar.close()
+        raise dist.Preempted(f"{desc}: stopped by {signal.Signals(preempted).name} after step {step}/{total_steps}; "
+                             f"checkpoint written to {ckpt_dir}: rerun the same command to resume", preempted)
+
+
+def save_final(cfg, s, tokenizer, run_dir, summary):
+    """The trained model to run_dir/model (rank 0; FSDP's shards gathered first); the
+    checkpoint goes."""
+    to_save, world = s.raw_model, s.world
+    if is_sharded(s.raw_model):
+        full = full_model_state(s.raw_model)  # a collective: every rank takes part, rank 0 receives
+        to_save = rebuilt(s.raw_model, full) if world.master else None
+    elif world.master and cfg.weights_dtype != "fp32" and not cfg.save_adapter_only:  # merge in fp32
+        to_save = rebuilt(s.raw_model, {k: v.detach().to("cpu", torch.float32) for k, v in s.raw_model.state_dict().items()})
+    if world.master:
+        save_model(to_save, tokenizer, os.path.join(run_dir, "model"), settings.to_dict(cfg), cfg.save_adapter_only, summary)
+        shutil.rmtree(os.path.join(run_dir, "checkpoint"), ignore_errors=True)
+    dist.barrier()

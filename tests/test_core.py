@@ -13,7 +13,7 @@ from selfrm.dist import Dist
 from selfrm.losses import pairwise_loss, srm_loss
 from selfrm.modeling import load_model
 from selfrm.settings import TrainSettings, make
-from selfrm.trainer import backward_global_batch, collate_pm, collate_rm, global_batches, lr_at, make_collate, micro_batches
+from selfrm.trainer import Setup, backward_global_batch, collate_pm, collate_rm, global_batches, lr_at, make_collate, micro_batches
 
 
 def test_srm_loss_is_cross_entropy_at_the_label_position():
@@ -89,7 +89,7 @@ def test_k_micro_batches_give_the_gradients_of_one_batch(kind, pm_folder, rm_fol
         model.zero_grad(set_to_none=True)
         bounds = np.cumsum([0] + sizes)
         micro = [examples[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-        backward_global_batch(model, micro, 9, collate, world, nullcontext(), scaler, margin=0.05)
+        backward_global_batch(Setup(model, model, None, [], nullcontext(), scaler, collate, world, margin=0.05), micro, 9)
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     for g in grads[1:]:
         torch.testing.assert_close(g, grads[0], rtol=1e-4, atol=1e-7)

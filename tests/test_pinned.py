@@ -29,7 +29,7 @@ from selfrm.scoring import score_encoded
 from selfrm.scoring import relabel
 from selfrm.steps import train_run
 from selfrm.settings import TrainSettings, make
-from selfrm.trainer import backward_global_batch, make_collate
+from selfrm.trainer import Setup, backward_global_batch, make_collate
 
 USER = lambda text: {"role": "user", "content": text}
 
@@ -140,8 +140,8 @@ def test_3_one_global_batch_backward_is_the_gradient_of_the_mean_pair_loss(kind,
 
     def grads(world, micro):
         model.zero_grad(set_to_none=True)
-        backward_global_batch(model, micro, len(examples), collate, world, nullcontext(), scaler, margin=margin,
-                              center=center)
+        backward_global_batch(Setup(model, model, None, params, nullcontext(), scaler, collate, world, margin, center),
+                              micro, len(examples))
         return [p.grad.clone() for p in params]
     # one process, two uneven micro-batches
     for g, e in zip(grads(Dist(), [examples[:4], examples[4:]]), expected):

@@ -99,10 +99,10 @@ def test_a_meta_rank_builds_a_lora_adapter_folder_like_rank_0(tmp_path, real_lik
 KILL_BETWEEN_RENAMES = """
 import os, sys
 sys.path.insert(0, sys.argv[1])
-from selfrm import trainer
+from selfrm import checkpoint
 import train
 
-real = trainer.atomic_path
+real = checkpoint.atomic_path
 calls = []
 
 def dying(path):  # a kill after shards-00000002 is renamed into place, before state.pt names it
@@ -112,7 +112,7 @@ def dying(path):  # a kill after shards-00000002 is renamed into place, before s
             os._exit(9)
     return real(path)
 
-trainer.atomic_path = dying
+checkpoint.atomic_path = dying
 train.main(train.settings_from_argv(sys.argv[2:]))
 """
 
