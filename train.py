@@ -36,6 +36,7 @@ def main(cfg):
         out = sys.stdout
         with tempfile.TemporaryDirectory() as scratch, contextlib.redirect_stdout(sys.stderr):
             cfg = demo_settings(cfg, scratch, write=True) if demo else cfg
+            check_template_fits(cfg)
             data = read_data(cfg)
             check_settings(cfg, data)
             return preview(cfg, data[0], out)
@@ -49,6 +50,7 @@ def main(cfg):
         dist.print0(demo_banner(cfg))
     # ---------------------------------------------------------------- check everything before writing anything
     check_out_dir_path(cfg.out_dir)
+    check_template_fits(cfg)
     data = None if demo else read_data(cfg)
     check_settings(cfg, data)
     inputs = {} if demo else input_fingerprints(cfg)
@@ -99,10 +101,9 @@ def demo_banner(cfg):
 
 
 def check_settings(cfg, data):
-    """What the data cannot support: a template over --max_length, a filter for the other kind
-    of model, gold labels asked for and missing, too many --calibration_pairs, selection rules
-    with no pool. data: read_data's triple, or None for the demo before its files exist."""
-    check_template_fits(cfg)
+    """What the data cannot support: a filter for the other kind of model, gold labels asked
+    for and missing, too many --calibration_pairs, selection rules with no pool. data:
+    read_data's triple, or None for the demo before its files exist."""
     if cfg.unlabeled_file or cfg.labeled_fraction:
         check_filter(cfg)
         if data:
