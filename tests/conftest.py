@@ -16,6 +16,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# The fast tier, `OMP_NUM_THREADS=1 python -m pytest tests -m fast -q`: the algorithm's steps, the
+# losses, the filters and selection rules, truncation, and one end-to-end run of the demo. The
+# full suite (the README's command, what CI runs) is the one that says a change is done.
+FAST = ("test_core.py::", "test_pinned.py::", "test_selection.py::", "test_selftrain.py::", "test_conventions.py::",
+        "test_evaluate.py::", "test_templates.py::", "test_scale.py::test_the_rule_on_numbers", "test_demo.py::")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.nodeid.split("/")[-1].startswith(FAST):
+            item.add_marker(pytest.mark.fast)
+
 
 def package_folder(name):
     spec = importlib.util.find_spec(name)
