@@ -35,7 +35,9 @@ def main(cfg):
     if cfg.preview > 0:  # JSON lines on stdout, everything else on stderr, nothing written
         out = sys.stdout
         with tempfile.TemporaryDirectory() as scratch, contextlib.redirect_stdout(sys.stderr):
-            cfg = demo_settings(cfg, scratch, write=True) if demo else cfg
+            if demo:
+                dist.print0(demo_banner(cfg))
+                cfg = demo_settings(cfg, scratch, write=True)
             check_template_fits(cfg)
             data = read_data(cfg)
             check_settings(cfg, data)

@@ -1,6 +1,7 @@
 """Start-up checks: settings that cannot work together, data a setting cannot use, an out_dir
 that cannot be written, a template longer than --max_length. Each raises one SettingsError
-that says what to change (or warns, where the run can go on), before anything is written."""
+that says what to change, before anything is written; the warnings (a status no pool can
+meet, eval pairs that also appear in the training data) come once the data is read."""
 import json
 import os
 

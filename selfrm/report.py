@@ -1,5 +1,5 @@
-"""What a run shows: the table of rounds, the line that ends a round, and --preview's
-training sequences as the model sees them."""
+"""What a run shows: the table of rounds, and --preview's training sequences as the model
+sees them (the line that ends a round is rundir.round_line)."""
 import json
 
 from selfrm import dist
@@ -20,13 +20,6 @@ def format_table(rounds):
         cells = [fmt.format(r[key]) if r.get(key) is not None else "" for key, _, fmt in cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def round_line(record):
-    """The line that says a round is done: its time and main numbers."""
-    summary = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {'n/a' if v is None else v}" for k, v in record.items()
-                        if k in ("train_size", "kept", "status", "pseudo_label_accuracy", "eval_accuracy"))
-    return f"round {record['round']} done in {record['seconds']:.0f}s: {summary}"
 
 
 def preview(cfg, pairs, out):

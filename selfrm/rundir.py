@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from selfrm import dist, settings
-from selfrm.report import round_line
 from selfrm.files import (Locked, dump_json, dump_jsonl, fingerprint, lock, publish_together, read_json, read_jsonl,
                           remove_leftovers, write_json)
 from selfrm.settings import SettingsError
@@ -156,6 +155,8 @@ class RunDir:
             rows_file = os.path.join(self.round_dir(t), "pool.jsonl")
             if os.path.exists(rows_file) and os.path.exists(summary_path(rows_file)):
                 return read_jsonl(rows_file), read_json(summary_path(rows_file))
+            if t < len(self.rounds):  # finished, its pool gone: never labeled again (by a later model)
+                return self._lost_pool(t, rows_file)
             rows, summary = compute()
             if self.world.master:
                 write_rows_and_summary(rows_file, rows, summary)
@@ -166,6 +167,14 @@ class RunDir:
         record["seconds"] = time.time() - self.started[t]
         self.record(record)
         return record
+
+    def _lost_pool(self, t, rows_file):
+        """A finished round whose labeled pool was deleted: SSRM's later rounds do not need it;
+        SER's accumulated selection and --keep_stable's previous labels do."""
+        if self.cfg.filter == "status" or self.cfg.keep_stable:
+            raise SettingsError(f"{rows_file} (or its summary) is missing, but round {t} finished: resuming needs its "
+                                f"labels (--filter=status accumulates them; --keep_stable compares with them); {START_OVER}")
+        return [], {"kept": 0}
 
     def record(self, record):
         """Append a finished round to the manifest, which is rewritten whole, and say so."""
@@ -218,6 +227,13 @@ def round_record(t, trained, train_pairs=(), pool=None, selected=None, labeling=
         golds = [pool[i].gold == label for i, (label, _) in selected.items() if pool[i].gold is not None]
         record["pseudo_label_accuracy"] = float(np.mean(golds)) if golds else None
     return {**record, **trained}
+
+
+def round_line(record):
+    """The line that says a round is done: its time and main numbers."""
+    summary = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {'n/a' if v is None else v}" for k, v in record.items()
+                        if k in ("train_size", "kept", "status", "pseudo_label_accuracy", "eval_accuracy"))
+    return f"round {record['round']} done in {record['seconds']:.0f}s: {summary}"
 
 
 # ----------------------------------------------------------------------------- labeled files

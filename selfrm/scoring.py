@@ -189,6 +189,8 @@ def relabel(cfg, world, model, tokenizer, pool, encoded=None, temperature=1.0, p
     gold = np.array([u.gold for u in pool], dtype=object)
     chosen = select(cfg, scores, temperature, previous, gold)
     summary = {"rows": len(pool), "filter": cfg.filter, "temperature": temperature}
+    if "order_disagreement" in chosen.summary:  # (the order the summary has always had)
+        summary["order_disagreement"] = chosen.summary["order_disagreement"]
     if cuts:  # tokenized here (label.py): how many rows were over --max_length
         summary["truncated"] = cuts["truncated"]
     summary.update(chosen.summary)

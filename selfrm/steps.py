@@ -1,7 +1,9 @@
 """The heavy steps, behind short calls: train a model on pairs (load it, LoRA, bf16 storage,
 FSDP or DDP, trainer.py's loop, save, load it back to score with) and label a pool with it
-(scoring.py). `Steps` gives rounds.py its two steps, train M_t and label the pool; the plain
-supervised run and the demo's upper bound are here too. Nothing here decides what a round does.
+(scoring.py). `Steps` gives rounds.py its two steps, train M_t (from --model, or the newest
+model with --init_from=previous) and label the pool, and says what training reports for the
+round's record; the plain supervised run and the demo's upper bound, which write their own
+one-record manifests, are here too. Which pairs a round trains on is rounds.py's.
 """
 import gc
 import os

@@ -294,29 +294,76 @@ def test_status_with_keep_stable_counts_only_pairs_that_did_not_flip(monkeypatch
     assert summary["status_met"] == "converged" and summary["kept"] == 0
 
 
-def test_the_last_round_gives_the_temperature_and_the_previous_labels(tmp_path):
-    rounds = [{"round": 0, "temperature": 2.0}, {"round": 1}, {"round": 2, "temperature": 0.5}, {"round": 3, "status": "converged"}]
-    assert rundir.last_temperature(rounds) == 0.5 and rundir.last_temperature([{"round": 0}]) == 1.0
-    cfg = make(TrainSettings, model_type="rm", out_dir=str(tmp_path))
-    for t, labels in ((1, "aaaaa"), (2, "bbabb")):  # round 2 labeled pool pairs 0..4, round 3 only 1, 3, 4 remain
-        rows = [{"pool_index": i, "pseudo_label": l} for i, l in enumerate(labels)]
-        (tmp_path / f"round_{t}").mkdir()
+class LabelingSteps:
+    """rounds.self_train's steps with no model: each labeling records the previous labels it is
+    given and labels every pair with the next of `labels` (one string per round); none is kept."""
+
+    def __init__(self, labels):
+        self.labeled, self.labels, self.previous = [], list(labels), []
+
+    def train(self, t, pairs):
+        return {"model": f"round_{t}/model"}
+
+    def label(self, remaining, previous):
+        self.previous.append(dict(previous))
+        labels = self.labels.pop(0)
+        return [{"pool_index": i, "pseudo_label": labels[i], "keep": False, "prob_a": 0.5} for i in remaining], {"kept": 0}
+
+
+def finished_rounds(tmp_path, labels):
+    """A run folder whose rounds 0..len(labels) finished, round t's pool labeled labels[t - 1]."""
+    for t, row_labels in enumerate(labels, 1):
+        rows = [{"pool_index": i, "pseudo_label": l, "keep": False, "prob_a": 0.5} for i, l in enumerate(row_labels)]
+        (tmp_path / f"round_{t}").mkdir(parents=True)
         write_jsonl(tmp_path / f"round_{t}" / "pool.jsonl", rows)
-        (tmp_path / f"round_{t}" / "pool.summary.json").write_text("{}")
+        (tmp_path / f"round_{t}" / "pool.summary.json").write_text('{"kept": 0}')
+    rounds = [{"round": t, "model": f"round_{t}/model"} for t in range(len(labels) + 1)]
+    (tmp_path / "manifest.json").write_text(json.dumps({"rounds": rounds}))
+
+
+def test_the_last_round_gives_the_temperature_and_the_previous_labels(tmp_path, monkeypatch):
+    rounds_ = [{"round": 0, "temperature": 2.0}, {"round": 1}, {"round": 2, "temperature": 0.5}, {"round": 3, "status": "converged"}]
+    assert rundir.last_temperature(rounds_) == 0.5 and rundir.last_temperature([{"round": 0}]) == 1.0
+    pool = fake_pool(5)
+    previous_labels = lambda steps_, k, remaining: [steps_.previous[k].get(i) for i in remaining]
+    for finished, labels in ((["aaaaa"], ["bbabb"]), (["aaaaa", "bbabb"], ["aaaaa"])):  # resumed at round 2, round 3
+        folder = tmp_path / str(len(finished))
+        finished_rounds(folder, finished)
+        cfg = make(TrainSettings, model_type="rm", out_dir=str(folder), rounds=len(finished) + 1)
+        fake = LabelingSteps(labels)
+        rounds.self_train(cfg, fake, rundir.RunDir(cfg, Dist()), pool)
+        if len(finished) == 2:
+            assert previous_labels(fake, 0, [1, 3, 4]) == ["b", "b", "b"]  # by pool index, from round 2's file
+        else:
+            assert previous_labels(fake, 0, [2, 4]) == ["a", "a"]
+    cfg = make(TrainSettings, model_type="rm", out_dir=str(tmp_path / "fresh"), rounds=2)
+    fake = LabelingSteps(["aaaaa", "babab"])
+    real_read = rundir.read_jsonl
+    monkeypatch.setattr(rundir, "read_jsonl", lambda path: pytest.fail(f"{path} read back within the run"))
+    rounds.self_train(cfg, fake, rundir.RunDir(cfg, Dist()), pool)
+    monkeypatch.setattr(rundir, "read_jsonl", real_read)
+    assert previous_labels(fake, 0, [0, 1]) == [None, None]  # round 1 has no previous labeling
+    assert previous_labels(fake, 1, [2, 4]) == ["a", "a"]  # in memory: no file read
+
+
+@pytest.mark.parametrize("settings,error", [({}, None), ({"keep_stable": True}, "--keep_stable"),
+                                            ({"filter": "status"}, "--filter=status")])
+def test_a_finished_round_whose_pool_was_deleted_is_never_labeled_again(tmp_path, settings, error):
+    """SSRM's finished rounds are not relabeled by a later model (a rerun writes nothing); SER and
+    --keep_stable need the lost labels: one error that names the file."""
+    finished_rounds(tmp_path, ["aaaaa", "bbabb", "ababa"])
+    for t in (1, 2, 3):
+        os.remove(tmp_path / f"round_{t}" / "pool.jsonl")
+    before = sorted(os.listdir(tmp_path))
+    cfg = make(TrainSettings, model_type="rm", out_dir=str(tmp_path), rounds=3, **settings)
     run = rundir.RunDir(cfg, Dist())
-    previous_labels = lambda t, remaining, last=None: [(last if last is not None else labels_of(run, t - 1)).get(i)
-                                                      for i in remaining]
-    assert previous_labels(1, [0, 1], {}) == [None, None]
-    assert previous_labels(3, [1, 3, 4]) == ["b", "b", "b"]  # by pool index, from round 2's file
-    assert previous_labels(2, [2, 4]) == ["a", "a"]
-    assert previous_labels(3, [2, 4], {2: "b", 4: "a"}) == ["b", "a"]  # in memory: no file read
-
-
-def labels_of(run, t):
-    """{pool index: pseudo-label} of round t as a resumed run reads it back: run.once finds the
-    round's pool file (with its summary) and computes nothing."""
-    rows, _ = run.once(t, "pool", lambda: pytest.fail(f"round {t} was labeled again"))
-    return {row["pool_index"]: row["pseudo_label"] for row in rows}
+    fake = LabelingSteps([])
+    if error:
+        with pytest.raises(SettingsError, match=f"round_1/pool.jsonl .*missing, but round 1 finished.*{error}"):
+            rounds.self_train(cfg, fake, run, fake_pool(5))
+    else:
+        assert len(rounds.self_train(cfg, fake, run, fake_pool(5))) == 4
+    assert fake.previous == [] and sorted(os.listdir(tmp_path)) == before
 
 
 def test_soft_probability_is_that_of_the_label_given_also_for_gold_labels():
