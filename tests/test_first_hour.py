@@ -16,6 +16,7 @@ import time
 import warnings
 
 import pytest
+import torch
 
 import evaluate
 import label
@@ -134,6 +135,21 @@ def test_the_python_on_path_keeps_a_virtual_environment(tmp_path):
     bin_dir = python_on_path(tmp_path / "bin", venv_python)
     done = subprocess.run([str(bin_dir / "python"), "-c", "import only_in_the_venv, torch"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-500:]
+
+
+def test_the_suite_hides_the_gpus_from_itself_and_its_torchrun_ranks(monkeypatch):
+    """The tests mean the CPU. On a GPU machine compute_init takes a GPU whenever CUDA is present
+    (below, CUDA faked present): 2-rank torchrun tests on one GPU would die at set_device(1) and
+    one-process tests switch to CUDA with bf16 autocast. conftest hides the GPUs from this process
+    and from every process the tests start (on this CPU build torch sees none either way)."""
+    from selfrm.dist import compute_init
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == ""
+    code = "import os, torch; print(repr(os.environ['CUDA_VISIBLE_DEVICES']), torch.cuda.is_available())"
+    seen = subprocess.run([sys.executable, "-c", code], env={**os.environ}, capture_output=True, text=True, check=True)
+    assert seen.stdout.split() == ["''", "False"]
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    assert compute_init().device == torch.device("cuda")  # production on a GPU: unchanged
 
 
 def test_the_readme_real_model_commands_run_as_written(tmp_path):
