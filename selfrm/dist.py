@@ -41,6 +41,12 @@ def compute_init(timeout_s=1800):
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         backend = "nccl"
+        # torchrun's TORCH_NCCL_ASYNC_ERROR_HANDLING has NCCL's watchdog kill a rank whose collective
+        # timed out (SIGABRT), so cli's one line never prints; with blocking waits, read when the group
+        # starts, the rank waiting on it raises the timeout. Each wait then holds the CPU until its
+        # collective ends. A user's own value, under either name, stays.
+        if not {"TORCH_NCCL_BLOCKING_WAIT", "NCCL_BLOCKING_WAIT"} & os.environ.keys():
+            os.environ["TORCH_NCCL_BLOCKING_WAIT"] = "1"
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():

@@ -80,10 +80,11 @@ def warn_few_steps(cfg, pairs, total_steps, desc):
 
 
 def autocast_dtype(cfg, device):
-    """The autocast dtype, or None for fp32. 'auto' is bf16 on a GPU that has it."""
+    """The autocast dtype, or None for fp32. 'auto' is bf16 on a GPU that has it natively: by default
+    is_bf16_supported counts emulation, which is slow (V100, T4: no bf16 hardware)."""
     name = cfg.dtype
     if name == "auto":
-        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[name]
 
 

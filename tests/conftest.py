@@ -6,7 +6,14 @@ import os
 import sys
 
 import pytest
-import torch
+
+# The tests mean the CPU (tiny models, gloo ranks). On a GPU machine compute_init would take
+# cuda:LOCAL_RANK: 2-rank torchrun tests on one GPU die at set_device(1), and one-process tests
+# switch to CUDA with bf16 autocast. Hidden before torch starts CUDA, for this process and every
+# torchrun the tests launch (they inherit os.environ); bench/gpu_check.py is the GPU check.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

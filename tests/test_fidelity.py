@@ -128,6 +128,34 @@ def test_label_logits_equal_the_models_own_forward_when_it_scales_logits(cls_nam
     assert not torch.allclose(plain_head[torch.arange(3), positions], full, atol=1e-3)
 
 
+@pytest.mark.parametrize("cls_name, extra, scaled", [
+    ("LlamaForCausalLM", {}, lambda z: z),
+    ("Gemma2ForCausalLM", {"head_dim": 8, "final_logit_softcapping": 30.0}, lambda z: 30.0 * torch.tanh(z / 30.0)),
+    ("CohereForCausalLM", {"logit_scale": 0.5}, lambda z: 0.5 * z),
+])
+def test_label_logits_are_fp32_from_the_last_hidden_state_under_bf16_autocast(cls_name, extra, scaled):
+    """Under autocast (and FSDP's bf16) the head's output would be rounded to bf16: a step of 0.125
+    for logits between 16 and 32. The A/B logits, and training's full-vocabulary ones, are the
+    fp32 product of the last hidden state and the head's rows, then the LM's own scaling."""
+    hf = tiny(cls_name, tie_word_embeddings=False, **extra)  # untied: scaling the head leaves the hidden states
+    ids = torch.randint(3, 64, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    positions = mask.sum(1) - 1
+    token_ids = torch.tensor([5, 6])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = hf.model(input_ids=ids, attention_mask=mask).last_hidden_state[torch.arange(3), positions]
+        head = hf.get_output_embeddings().weight
+        head.mul_(24 / (hidden @ head[token_ids].T).abs().max())  # A/B logits up to 24, where bf16's step is 0.125
+        ab = PreferenceModel(hf)(ids, mask, positions, token_ids=token_ids)
+        full = PreferenceModel(hf)(ids, mask, positions)
+    weight = hf.get_output_embeddings().weight.double()
+    hand = scaled(hidden.double() @ weight.T)
+    assert ab.dtype == full.dtype == torch.float32
+    torch.testing.assert_close(ab.double(), hand[:, token_ids], rtol=0, atol=1e-3)
+    torch.testing.assert_close(full.double(), hand, rtol=0, atol=1e-3)
+
+
 # ----------------------------------------------------------------------------- fixes
 
 def test_an_empty_selection_never_meets_a_status():

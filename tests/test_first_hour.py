@@ -9,12 +9,14 @@ import json
 import logging
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
 import warnings
 
 import pytest
+import torch
 
 import evaluate
 import label
@@ -107,6 +109,49 @@ def readme_real_model_block():
     return blocks[0]
 
 
+def python_on_path(bin_dir, executable=sys.executable):
+    """A folder to put first on PATH, whose `python` runs `executable`: a script that execs it,
+    not a symlink, since a venv's python reached through a link outside the venv finds no
+    pyvenv.cfg and runs without the venv's packages (torch among them)."""
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec {shlex.quote(executable)} "$@"\n')
+    (bin_dir / "python").chmod(0o755)
+    return bin_dir
+
+
+def test_the_python_on_path_keeps_a_virtual_environment(tmp_path):
+    """Run from a venv (how most users install), the README test's `python` still sees the venv's
+    packages: here a module that only the venv holds."""
+    venv = tmp_path / "venv"
+    made = subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)],
+                          capture_output=True, text=True)
+    if made.returncode:
+        pytest.skip(f"cannot make a venv here: {made.stderr.strip()[-300:]}")
+    venv_python = str(venv / "bin" / "python")
+    site = subprocess.run([venv_python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    with open(os.path.join(site, "only_in_the_venv.py"), "w") as f:
+        f.write("")
+    bin_dir = python_on_path(tmp_path / "bin", venv_python)
+    done = subprocess.run([str(bin_dir / "python"), "-c", "import only_in_the_venv, torch"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-500:]
+
+
+def test_the_suite_hides_the_gpus_from_itself_and_its_torchrun_ranks(monkeypatch):
+    """The tests mean the CPU. On a GPU machine compute_init takes a GPU whenever CUDA is present
+    (below, CUDA faked present): 2-rank torchrun tests on one GPU would die at set_device(1) and
+    one-process tests switch to CUDA with bf16 autocast. conftest hides the GPUs from this process
+    and from every process the tests start (on this CPU build torch sees none either way)."""
+    from selfrm.dist import compute_init
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == ""
+    code = "import os, torch; print(repr(os.environ['CUDA_VISIBLE_DEVICES']), torch.cuda.is_available())"
+    seen = subprocess.run([sys.executable, "-c", code], env={**os.environ}, capture_output=True, text=True, check=True)
+    assert seen.stdout.split() == ["''", "False"]
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    assert compute_init().device == torch.device("cuda")  # production on a GPU: unchanged
+
+
 def test_the_readme_real_model_commands_run_as_written(tmp_path):
     """The README's SmolLM2 (SSRM) and MiniLM (SER) commands, run by bash exactly as written
     in a fresh folder, on the installed packages: both runs finish with the rounds the README
@@ -118,9 +163,7 @@ def test_the_readme_real_model_commands_run_as_written(tmp_path):
     block = readme_real_model_block()
     for name in ("train.py", "selfrm"):  # `python train.py` from a fresh folder, as from a clone
         os.symlink(os.path.join(ROOT, name), tmp_path / name)
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    os.symlink(sys.executable, bin_dir / "python")
+    bin_dir = python_on_path(tmp_path / "bin")
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
     start = time.time()
     done = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=env, capture_output=True,

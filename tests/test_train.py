@@ -153,6 +153,18 @@ def test_low_precision_autocast_trains_on_cpu(tmp_path, toy_files, pm_folder, dt
     assert record["train_loss"] == pytest.approx(fp32["train_loss"], rel=0.05)
 
 
+@pytest.mark.parametrize("native, emulated, expected", [(True, True, torch.bfloat16), (False, True, None),
+                                                       (False, False, None)])
+def test_dtype_auto_is_bf16_only_on_a_gpu_that_has_it_natively(monkeypatch, native, emulated, expected):
+    """--dtype=auto: bf16 on an A100/H100 (native), fp32 on a V100/T4 (bf16 only by slow emulation)."""
+    from selfrm.trainer import autocast_dtype
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: emulated if including_emulation
+                        else native)
+    cfg = make(TrainSettings, dtype="auto")
+    assert autocast_dtype(cfg, torch.device("cuda", 0)) is expected
+    assert autocast_dtype(cfg, torch.device("cpu")) is None
+
+
 # ----------------------------------------------------------------------------- resume
 
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, toy_files, pm_folder, monkeypatch):
