@@ -57,11 +57,11 @@ class PreferenceModel(nn.Module):
         logits (Gemma's soft-capping, Cohere's logit_scale, Granite's logits_scaling, ...)
         apply exactly as in a full forward, without the (B, T, V) logits of one.
 
-        That forward runs in fp32, outside autocast, on the head's rows of `token_ids` only (_Rows):
-        a bf16 head output would move logits between 16 and 32 in steps of 0.125, so P(A) near 0.5
-        in steps of about 3%. Two rows cost nothing. Training's full vocabulary costs its (B, V)
-        fp32 output and, where the head is held in bf16 (FSDP's bf16 gathering, LoRA's bf16 frozen
-        base), an fp32 copy of it kept for the backward: V x H x 4 bytes, 2.1 GB for Llama-3-8B."""
+        That forward runs outside autocast. With `token_ids` it runs in fp32 on the head's rows of
+        them only (_Rows): a bf16 head output would move logits between 16 and 32 in steps of 0.125,
+        so P(A) near 0.5 in steps of about 3%; two rows cost nothing. Training's full vocabulary
+        runs in the head's own dtype (fp32 for fp32 weights; bf16 where the head is held in bf16,
+        as under FSDP's bf16 gathering, whose fp32 copy would cost V x H x 4 bytes), then fp32."""
         hf = self.hf
         backbone, head = getattr(hf, hf.base_model_prefix), hf.get_output_embeddings()
         hidden = backbone_states(hf, input_ids, attention_mask, segment_ids, position_ids)
@@ -128,8 +128,10 @@ class _Rows(nn.Module):
 
     def forward(self, hidden):
         weight, bias = self.head.weight, self.head.bias
-        if self.token_ids is not None:
-            weight, bias = weight[self.token_ids], None if bias is None else bias[self.token_ids]
+        if self.token_ids is None:  # training's full vocabulary, in the head's dtype: an fp32 copy of a bf16
+            # head (FSDP's bf16 gathering) would be kept for the backward, V x H x 4 bytes (2.1 GB for Llama-3-8B)
+            return nn.functional.linear(hidden.to(weight.dtype), weight, bias).float()
+        weight, bias = weight[self.token_ids], None if bias is None else bias[self.token_ids]
         return nn.functional.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
 
 
