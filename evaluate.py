@@ -14,9 +14,10 @@ from selfrm import dist
 from selfrm.formats import load_pairs
 from selfrm.files import dump_json, dump_jsonl, publish_together
 from selfrm.metrics import evaluate_scores
-from selfrm.modeling import check_outputs, load_model, resolve_max_length, resolve_model_type
+from selfrm.modeling import check_outputs, resolve_max_length, resolve_model_type
 from selfrm.scoring import encode_pairs, score_pairs
 from selfrm.settings import EvalSettings, SettingsError, cli, parse_args
+from selfrm.steps import scoring_model
 
 
 def main(cfg):
@@ -34,7 +35,7 @@ def main(cfg):
     # ---------------------------------------------------------------- init, model
     world = dist.compute_init(cfg.dist_timeout_s)
     try:
-        model, tokenizer = load_model(cfg)
+        model, tokenizer = scoring_model(cfg, world, cfg.model)
         # ------------------------------------------------------------ score
         cuts = {}
         scores = score_pairs(cfg, world, model, tokenizer, pairs, encode_pairs(cfg, tokenizer, pairs, cuts))

@@ -15,10 +15,11 @@ import json
 from selfrm import dist
 from selfrm.checks import check_filter, check_gold
 from selfrm.formats import chosen_rejected, load_unlabeled
-from selfrm.modeling import check_outputs, load_model, resolve_max_length, resolve_model_type
+from selfrm.modeling import check_outputs, resolve_max_length, resolve_model_type
 from selfrm.rundir import summary_path, write_rows_and_summary
 from selfrm.scoring import relabel
 from selfrm.settings import LabelSettings, SettingsError, cli, parse_args
+from selfrm.steps import scoring_model
 
 
 def main(cfg):
@@ -34,7 +35,7 @@ def main(cfg):
     # ---------------------------------------------------------------- init, model
     world = dist.compute_init(cfg.dist_timeout_s)
     try:
-        model, tokenizer = load_model(cfg)
+        model, tokenizer = scoring_model(cfg, world, cfg.model)
         # ------------------------------------------------------------ score, filter
         rows, summary = relabel(cfg, world, model, tokenizer, pool, temperature=cfg.temperature)
         # ------------------------------------------------------------ write: rows and summary together

@@ -327,10 +327,13 @@ def check_outputs(outputs, inputs):
             raise SettingsError(f"--{key}={path}: is an input file of this run; it would be overwritten")
 
 
-def load_model(cfg, source=None, tokenizer=None, meta=False):
-    """The model of kind cfg.model_type from `source` (default cfg.model), fp32 weights on the
-    CPU whatever dtype the checkpoint's config names, as a PreferenceModel or RewardModel. A
-    folder holding a LoRA adapter saved by selfrm is loaded on top of its base model.
+def load_model(cfg, source=None, tokenizer=None, meta=False, dtype=torch.float32, device=None):
+    """The model of kind cfg.model_type from `source` (default cfg.model), as a PreferenceModel
+    or RewardModel: fp32 weights on the CPU whatever dtype the checkpoint's config names (the
+    master weights training needs), or, for scoring, in `dtype` on `device`: each tensor is
+    converted as it is read and put on the device, so no fp32 copy of the model is built first
+    (the toy, built from its config, is cast after). A folder holding a LoRA adapter saved by
+    selfrm is loaded on top of its base model.
     meta=True builds the same modules (adapters included) on the meta device, with no weights:
     an FSDP rank that receives its shards from rank 0. Its dtype must be rank 0's: a
     `"dtype": "bfloat16"` config would otherwise give it bf16 master weights."""
@@ -343,7 +346,7 @@ def load_model(cfg, source=None, tokenizer=None, meta=False):
     if source == "toy":
         torch.manual_seed(cfg.seed)
         with torch.device("meta") if meta else contextlib.nullcontext():
-            hf = toy.build_model(cfg.model_type, tokenizer)
+            hf = toy.build_model(cfg.model_type, tokenizer).to(dtype)
     elif meta:
         gguf_file = check_source(base, cfg.gguf_file or None)  # None for a saved folder, as rank 0 reads it
         config = AutoConfig.from_pretrained(base, gguf_file=gguf_file,
@@ -351,9 +354,10 @@ def load_model(cfg, source=None, tokenizer=None, meta=False):
         with torch.device("meta"):
             hf = auto.from_config(config, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
     else:
-        hf = from_pretrained(auto, base, gguf_file=cfg.gguf_file or None, dtype=torch.float32,
+        gguf_file = check_source(base, cfg.gguf_file or None)  # dequantized on the CPU: rebuilt plain, moved after
+        hf = from_pretrained(auto, base, gguf_file=gguf_file, dtype=dtype, device_map=None if gguf_file else device,
                              trust_remote_code=cfg.trust_remote_code, **extra)
-        if cfg.gguf_file:
+        if gguf_file:
             hf = plain_copy(hf)
     hf.config.pad_token_id = tokenizer.pad_token_id
     hf.config.use_cache = False  # training and scoring never decode
@@ -363,7 +367,8 @@ def load_model(cfg, source=None, tokenizer=None, meta=False):
         hf = get_peft_model(hf, config)
     elif adapter:
         hf = PeftModel.from_pretrained(hf, source, is_trainable=True)
-    return (PreferenceModel if cfg.model_type == "pm" else RewardModel)(hf), tokenizer
+    model = (PreferenceModel if cfg.model_type == "pm" else RewardModel)(hf)
+    return (model.to(device) if device else model), tokenizer  # the toy, GGUF and adapters: moved after
 
 
 def adapter_config(source):
@@ -377,11 +382,11 @@ def adapter_config(source):
 
 def plain_copy(hf):
     """A GGUF-loaded model stays marked as quantized and cannot be saved: rebuild a plain
-    model of the same class and copy the dequantized fp32 weights into it."""
+    model of the same class and dtype and copy the dequantized weights into it."""
     config = hf.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = type(hf)(config)
+    plain = type(hf)._from_config(config, dtype=hf.dtype)
     plain.load_state_dict(hf.state_dict())
     return plain
 

@@ -124,13 +124,19 @@ def train_run(cfg, world, pairs, run_dir, source, round_index=0, name=None, scor
 
 
 def scoring_model(cfg, world, source):
-    """A saved model, on every rank, to score with. Under --fsdp rank 0 alone reads it and each
-    rank scores with its shards (one copy in a node's host memory, not one per rank)."""
-    fsdp = cfg.fsdp and world.ddp
-    model, tokenizer = load_model(cfg, source, meta=fsdp and not world.master)
-    if fsdp:
-        shard_from_rank0(model, world.device, world, autocast_dtype(cfg, world.device))
-    return model, tokenizer
+    """A saved model, on every rank, to score with (rounds, label.py, evaluate.py). Its weights
+    are read in the compute dtype straight onto the rank's device: bf16 under --dtype=bf16 (an
+    8B model's 16 GB per GPU, and no 32 GB fp32 copy in each rank's host memory on the way),
+    fp32 otherwise (fp16 autocast needs fp32 weights: it keeps the norms and the residual
+    stream in fp32, out of fp16's narrow range). Under --fsdp rank 0 alone reads it (fp32
+    shards, computing in --dtype, as in training) and each rank scores with its shards (one
+    copy in a node's host memory, not one per rank)."""
+    compute_dtype = autocast_dtype(cfg, world.device)
+    if getattr(cfg, "fsdp", False) and world.ddp:  # label.py and evaluate.py have no --fsdp
+        model, tokenizer = load_model(cfg, source, meta=not world.master)
+        return shard_from_rank0(model, world.device, world, compute_dtype), tokenizer
+    dtype = torch.bfloat16 if compute_dtype == torch.bfloat16 else torch.float32
+    return load_model(cfg, source, dtype=dtype, device=world.device)
 
 
 def release_memory():

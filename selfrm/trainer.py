@@ -147,11 +147,10 @@ def backward_global_batch(s, micro, n_global, micro_steps=0):
 
 
 def gradient_sync(model, last):
-    """Gradients are reduced over ranks only on the last micro-step of a step: DDP's no_sync
-    before it; FSDP2's set_requires_gradient_sync (the same, for sharded gradients)."""
-    if is_sharded(model):
-        model.set_requires_gradient_sync(last)
-        return nullcontext()
+    """DDP reduces gradients over ranks only on the last micro-step of a step (no_sync before
+    it): its ranks hold whole gradients anyway. FSDP reduce-scatters at every micro-step and
+    accumulates into each rank's shard: without sync it would hold the whole unsharded
+    gradient, in fp32, on every rank until the last one (a Llama3-8B's: 32 GB per GPU)."""
     return model.no_sync() if isinstance(model, DDP) and not last else nullcontext()
 
 

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 
-from conftest import ROOT, write_jsonl
+from conftest import ROOT, free_port, write_jsonl
 from selfrm.encoding import Encoder
 from selfrm.formats import load_pairs
 
@@ -199,3 +199,77 @@ def test_checkpointing_recomputes_inside_the_sharded_blocks(tmp_path, toy_files,
     for rank in (0, 1):
         calls = json.load(open(tmp_path / f"calls-{rank}.json"))
         assert calls.count(True) == forwards * (2 if checkpointing else 1) and calls.count(False) == 0
+
+
+ACCUMULATING = """
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+from torch.distributed.tensor import DTensor
+from transformers import LlamaConfig, LlamaForCausalLM
+from selfrm import dist, trainer
+from selfrm.modeling import PreferenceModel
+from selfrm.settings import TrainSettings, make
+
+def peak_rss():
+    return int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1]) * 1024
+
+world = dist.compute_init()
+torch.manual_seed(0)
+# many small blocks, short sequences: the gradients, not one block's transients or the activations, set the peak
+config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=16,
+                     num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
+cfg = make(TrainSettings, fsdp=True, dtype="fp32", micro_batch_size=1, lr=1e-3)
+s = trainer.set_up(cfg, PreferenceModel(LlamaForCausalLM(config)), type("T", (), {"pad_token_id": 0})(), world,
+                   {"A": 5, "B": 6})
+held = []  # at each micro-step of the 4: what each parameter holds as .grad from the micro-steps before
+real_sync = trainer.gradient_sync
+
+def size(t):
+    return 0 if t is None else (t.to_local() if isinstance(t, DTensor) else t).numel()
+
+def recording(model, last):
+    held.append([[type(p.grad).__name__, size(p.grad), size(p), p.numel()] for p in s.raw_model.parameters()])
+    return real_sync(model, last)
+
+trainer.gradient_sync = recording
+pairs = torch.randint(7, 512, (8, 8), generator=torch.Generator().manual_seed(1)).tolist()
+examples = [{"input_ids": ids, "label": 5} for ids in pairs]
+peaks = {}
+for step, k in enumerate((1, 1, 4)):  # the first step allocates AdamW's state
+    batch = examples[:2 * k]
+    held.clear()
+    open("/proc/self/clear_refs", "w").write("5")  # the peak RSS starts again from the RSS now
+    start = peak_rss()
+    trainer.backward_global_batch(s, [[e] for e in batch[world.rank::2]], len(batch))
+    trainer.optimizer_step(s, cfg, step, 10)
+    peaks[k] = peak_rss() - start
+grad_bytes = 4 * sum(p.numel() for p in s.raw_model.parameters())
+with open(os.path.join(sys.argv[2], f"rank-{world.rank}.json"), "w") as f:
+    json.dump({"peaks": peaks, "held": held, "grad_bytes": grad_bytes}, f)
+dist.compute_cleanup()
+dist.leave(0)
+"""
+
+
+def test_fsdp_accumulates_sharded_gradients_and_its_peak_does_not_grow_with_micro_steps(tmp_path):
+    """Between the micro-steps of one optimizer step each rank holds its shard of the gradients
+    (a DTensor of half the parameter's elements on 2 ranks), not the whole fp32 gradient: a
+    step of 4 micro-steps peaks within a quarter of the gradient's bytes of a step of 1 (holding
+    the whole gradient would add about half of them: the other rank's shard)."""
+    script = tmp_path / "accumulating.py"
+    script.write_text(ACCUMULATING)
+    env = {**ENV, "MALLOC_MMAP_THRESHOLD_": "65536"}  # big tensors are mmapped, so a free lowers the RSS at once
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+                           str(script), ROOT, str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        result = json.load(open(tmp_path / f"rank-{rank}.json"))
+        growth = result["peaks"]["4"] - result["peaks"]["1"]
+        assert growth < 0.25 * result["grad_bytes"], (rank, result["peaks"], result["grad_bytes"])
+        assert len(result["held"]) == 4
+        for grads in result["held"][1:]:  # before micro-steps 2, 3 and 4
+            assert {kind for kind, *_ in grads} == {"DTensor"}, f"held between micro-steps: {grads[:2]}"
+            assert all(local == shard for _, local, shard, _ in grads)
+            assert sum(local for _, local, _, _ in grads) <= 0.51 * sum(full for *_, full in grads)

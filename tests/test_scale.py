@@ -94,6 +94,95 @@ def test_a_meta_rank_builds_a_lora_adapter_folder_like_rank_0(tmp_path, real_lik
     assert any("lora_A" in n and p.requires_grad for n, p in meta.named_parameters())
 
 
+@pytest.mark.parametrize("dtype,expected", [("bf16", torch.bfloat16), ("fp32", torch.float32),
+                                            ("auto", torch.float32)])  # auto: fp32 on a CPU
+def test_label_and_evaluate_read_the_weights_in_the_compute_dtype_onto_the_device(tmp_path, real_like, loop_files,
+                                                                                  monkeypatch, dtype, expected):
+    """Scoring reads a bf16 checkpoint in the compute dtype, each tensor put on the rank's device as
+    it is read (device_map), not as an fp32 model on the CPU moved after; training still reads fp32."""
+    import evaluate as evaluate_script
+    import label as label_script
+    from selfrm import modeling, scoring
+    _, pool, ev = loop_files
+    folder = real_like("llama3", "pm")
+    reads, scored = [], []
+    real_read, real_score = modeling.from_pretrained, scoring.score
+
+    def reading(auto, source, **kwargs):
+        if "dtype" in kwargs:  # a model, not a tokenizer
+            reads.append((kwargs["dtype"], kwargs.get("device_map")))
+        return real_read(auto, source, **kwargs)
+
+    def scoring_with(cfg, world, model, *args):
+        scored.append({(p.dtype, p.device) for p in model.parameters()})
+        return real_score(cfg, world, model, *args)
+    monkeypatch.setattr(modeling, "from_pretrained", reading)
+    monkeypatch.setattr(scoring, "score", scoring_with)
+    label_script.main(make(LabelSettings, model=folder, unlabeled_file=pool, out_file=str(tmp_path / "l.jsonl"),
+                           dtype=dtype, max_length=64))
+    evaluate_script.main(make(EvalSettings, model=folder, eval_file=ev, dtype=dtype, max_length=64))
+    assert reads == [(expected, torch.device("cpu"))] * 2
+    assert scored == [{(expected, torch.device("cpu"))}] * 2
+    reads.clear()
+    load_model(make(TrainSettings, model=folder, dtype=dtype))  # training: fp32 master weights, as before
+    assert reads == [(torch.float32, None)]
+
+
+LOAD_PEAK = """
+import gc, json, sys, threading, time
+sys.path.insert(0, sys.argv[1])
+from selfrm import steps
+from selfrm.dist import Dist
+from selfrm.settings import TrainSettings, make
+
+def private_bytes():  # the process's own memory: the checkpoint's file pages are the page cache's, shared
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("RssAnon")).split()[1]) * 1024
+
+cfg = make(TrainSettings, model=sys.argv[2], dtype=sys.argv[3])  # a round scores the model it trained
+steps.scoring_model(cfg, Dist(), cfg.model)  # imports and caches warm up; then it is freed
+gc.collect()
+before, peak, done = private_bytes(), [0], threading.Event()
+
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], private_bytes() - before)
+        time.sleep(0.0002)
+thread = threading.Thread(target=sample)
+thread.start()
+model, _ = steps.scoring_model(cfg, Dist(), cfg.model)
+done.set()
+thread.join()
+print(json.dumps({"peak": max(peak[0], private_bytes() - before), "dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+                  "fp32_bytes": 4 * sum(p.numel() for p in model.parameters())}))
+"""
+
+
+def test_a_bf16_scoring_load_builds_no_fp32_copy(tmp_path):
+    """An 11.9M-parameter Llama saved in bf16, as hub checkpoints are (48 MB in fp32): scoring with
+    --dtype=bf16 loads it without an fp32 copy (the process's private memory peaks under a
+    quarter of the fp32 model's bytes: the weights are the file's pages, shared), while
+    --dtype=fp32 builds the whole fp32 model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    tokenizer = toy.build_tokenizer(chat=True)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=1024, num_hidden_layers=12,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    env = {**ENV, "MALLOC_MMAP_THRESHOLD_": "65536"}  # big tensors are mmapped, so a free lowers the RSS at once
+    loads = {}
+    for dtype in ("bf16", "fp32"):
+        done = subprocess.run([sys.executable, "-c", LOAD_PEAK, ROOT, str(tmp_path / "m"), dtype], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        loads[dtype] = json.loads(done.stdout.strip().splitlines()[-1])
+    fp32_bytes = loads["fp32"]["fp32_bytes"]
+    assert loads["bf16"]["peak"] < 0.25 * fp32_bytes, loads
+    assert loads["fp32"]["peak"] > 0.9 * fp32_bytes, loads  # the measurement sees a whole fp32 model when there is one
+    assert loads["bf16"]["dtypes"] == ["torch.bfloat16"] and loads["fp32"]["dtypes"] == ["torch.float32"]
+
+
 # ----------------------------------------------------------------------------- FSDP == DDP == one process (1, 2, 3, 5)
 
 KILL_BETWEEN_RENAMES = """
@@ -286,10 +375,10 @@ import train
 
 real_load = steps.load_model
 
-def recording(cfg, source=None, tokenizer=None, meta=False):
+def recording(cfg, source=None, tokenizer=None, meta=False, **kwargs):
     with open(os.path.join(sys.argv[2], f"loads-{os.environ['RANK']}.jsonl"), "a") as f:
         f.write(json.dumps({"source": source, "meta": meta}) + "\\n")
-    return real_load(cfg, source, tokenizer, meta)
+    return real_load(cfg, source, tokenizer, meta, **kwargs)
 
 def killed(*args, **kwargs):  # a kill before round 1 labels its pool: round 0 finished
     os._exit(9)
