@@ -40,13 +40,9 @@ def compute_init(timeout_s=1800):
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+        # not TORCH_NCCL_BLOCKING_WAIT=1 by default: it would give a timeout's one line instead of the
+        # watchdog's SIGABRT, but every wait would hold the CPU, serialising FSDP's collectives (README)
         backend = "nccl"
-        # torchrun's TORCH_NCCL_ASYNC_ERROR_HANDLING has NCCL's watchdog kill a rank whose collective
-        # timed out (SIGABRT), so cli's one line never prints; with blocking waits, read when the group
-        # starts, the rank waiting on it raises the timeout. Each wait then holds the CPU until its
-        # collective ends. A user's own value, under either name, stays.
-        if not {"TORCH_NCCL_BLOCKING_WAIT", "NCCL_BLOCKING_WAIT"} & os.environ.keys():
-            os.environ["TORCH_NCCL_BLOCKING_WAIT"] = "1"
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():

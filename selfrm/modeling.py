@@ -68,16 +68,20 @@ class PreferenceModel(nn.Module):
         rows = torch.arange(hidden.size(0), device=hidden.device)
         if label_positions.dim() == 2:  # two sequences per row
             rows = rows.repeat_interleave(2)
-        label_hidden = hidden[rows, label_positions.reshape(-1)].float()
-        setattr(hf, hf.base_model_prefix, _Given(backbone, label_hidden[:, None]))
-        hf.set_output_embeddings(_Rows(head, token_ids))
+        label_hidden = hidden[rows, label_positions.reshape(-1)]
+        rows_only = isinstance(head, nn.Linear)  # else (LoRA on the head) its own forward and dtype, as before
         try:
-            with torch.autocast(hidden.device.type, enabled=False):
+            setattr(hf, hf.base_model_prefix, _Given(backbone, (label_hidden.float() if rows_only else label_hidden)[:, None]))
+            if rows_only:
+                hf.set_output_embeddings(_Rows(head, token_ids))
+            with torch.autocast(hidden.device.type, enabled=False) if rows_only else contextlib.nullcontext():
                 logits = hf(input_ids=input_ids[rows, :1], use_cache=False).logits[:, -1]
         finally:
             setattr(hf, hf.base_model_prefix, backbone)
             hf.set_output_embeddings(head)
-        return logits.clone()  # not a view: FSDP2 hooks this output for its backward
+        if token_ids is not None and not rows_only:
+            logits = logits[:, token_ids]
+        return logits.to(torch.float32, copy=True)  # not a view: FSDP2 hooks this output for its backward
 
 
 def backbone_states(hf, input_ids, attention_mask, segment_ids=None, position_ids=None):
@@ -119,12 +123,14 @@ class _Rows(nn.Module):
 
     def __init__(self, head, token_ids):
         super().__init__()
-        if type(head) is not nn.Linear:  # e.g. LoRA on the head: its weight alone would skip the adapter
-            kind = f"{type(head).__module__}.{type(head).__qualname__}"
-            raise SettingsError(f"the LM head is a {kind}, not the torch.nn.Linear the label logits are read from "
-                                f"(LoRA on the head is not supported: leave lm_head out of --lora_target_modules)")
         object.__setattr__(self, "head", head)  # not a submodule: its weights stay where they are
         self.token_ids = token_ids
+
+    def __getattr__(self, name):  # what an LM reads off its head (Mamba's lm_head.weight.dtype) is the real one's
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "head"), name)
 
     def forward(self, hidden):
         weight, bias = self.head.weight, self.head.bias

@@ -156,6 +156,27 @@ def test_label_logits_are_fp32_from_the_last_hidden_state_under_bf16_autocast(cl
     torch.testing.assert_close(full.double(), hand, rtol=0, atol=1e-3)
 
 
+def test_label_logits_of_a_head_the_lm_reads_or_adapts_are_its_own_forwards():
+    """Mamba's forward reads lm_head.weight.dtype off the head PreferenceModel swaps in; a head that
+    LoRA wraps (not a plain Linear) runs as itself. Both give the model's own logits."""
+    import transformers
+    mamba = transformers.MambaForCausalLM(transformers.MambaConfig(vocab_size=64, hidden_size=16, state_size=4,
+                                                                   num_hidden_layers=1, expand=2)).eval()
+    from peft import LoraConfig, get_peft_model
+    adapted = get_peft_model(tiny("LlamaForCausalLM"), LoraConfig(r=2, target_modules=["lm_head", "q_proj"],
+                                                                   init_lora_weights=False)).eval()
+    ids = torch.randint(3, 64, (2, 7))
+    positions = torch.full((2,), 6)
+    for hf in (mamba, adapted):
+        with torch.no_grad():
+            full = hf(input_ids=ids).logits[:, -1]
+            ours = PreferenceModel(hf)(ids, torch.ones_like(ids), positions)
+            ab = PreferenceModel(hf)(ids, torch.ones_like(ids), positions, token_ids=torch.tensor([5, 6]))
+        torch.testing.assert_close(ours, full, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ab, full[:, [5, 6]], rtol=1e-5, atol=1e-5)
+        assert type(PreferenceModel(hf).hf.get_output_embeddings()).__name__ != "_Rows"  # the head is put back
+
+
 # ----------------------------------------------------------------------------- fixes
 
 def test_an_empty_selection_never_meets_a_status():
