@@ -8,11 +8,14 @@ train.py itself) and records numbers, or its error, or why it was skipped:
                 emulation; the sdpa back-ends enabled
   sdpa          the sdpa kernel chosen for the shared-prefix mask (profiled aten ops) and the peak
                 memory of pm scoring at batch 32, 2,500-3,000 tokens a sequence, shared and
-                unshared: Llama 3, Qwen2, Mistral, Gemma-2 at their real widths, 2 layers
-  shared        shared vs unshared scores on the device in fp32, bf16, fp16 (max difference, NaN
-                count): the tests' real-like configs (tests/conftest.py), pm and rm
+                unshared, bf16 weights as selfrm scores under --dtype=bf16: Llama 3, Qwen2,
+                Mistral, Gemma-2 at their real widths, 2 layers
+  shared        shared vs unshared scores on the device in fp32, bf16 and fp16 autocast on fp32
+                weights, and bf16 on bf16 weights (scoring's under --dtype=bf16) (max difference,
+                NaN count): the tests' real-like configs (tests/conftest.py), pm and rm
   head          the LM head's (pm) and score head's (rm) input shapes in training and scoring
-                (a forward hook on the head)
+                (the pm's through selfrm.modeling._Rows, which stands in for its head; the rm's
+                a forward hook on the score head)
   fp16          fp16 with GradScaler and clipping against fp32 and bf16: a few steps on one batch
                 (finite, the loss falls, the scaler's scale)
   fsdp_memory   FSDP2 through a one-rank process group (NCCL), a 0.53B Llama at 3072 tokens,
@@ -250,8 +253,9 @@ VARIANTS = {"gemma2-capped": ("gemma2", dict(attn_logit_softcapping=1.0, query_p
 
 
 def build(arch, kind, vocab_size, pad_id, device, layers=2, widths=False, attn=None):
-    """A PreferenceModel (pm) or RewardModel (rm) of `arch`, fp32 weights (what selfrm loads),
-    random init from seed 0, built on `device`, in eval mode."""
+    """A PreferenceModel (pm) or RewardModel (rm) of `arch`, fp32 weights (training's master
+    weights; scoring's under fp32 and fp16: bf16_weights casts them for bf16), random init
+    from seed 0, built on `device`, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from selfrm.modeling import PreferenceModel, RewardModel
     base, overrides = VARIANTS.get(arch, (arch, {}))
@@ -269,6 +273,19 @@ def build(arch, kind, vocab_size, pad_id, device, layers=2, widths=False, attn=N
                 if name.endswith(("q_proj.weight", "k_proj.weight")):
                     weight.mul_(20)
     return (PreferenceModel if kind == "pm" else RewardModel)(hf).eval()
+
+
+def bf16_weights(model):
+    """`model`, built in fp32, as selfrm scores under --dtype=bf16 without FSDP (scoring_model:
+    load_model(dtype=bf16)): cast to bf16 in place, but for the rotary embeddings' inv_freq
+    buffers, which transformers computes in fp32 whatever the dtype and from_pretrained keeps
+    fp32 (cast, they would move every position)."""
+    kept = {name: b for name, b in model.named_buffers() if name.endswith("inv_freq")}
+    model.to(torch.bfloat16)
+    for name, b in kept.items():
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner)._buffers[leaf] = b
+    return model
 
 
 def fsdp_llama(sizes, tokenizer, device):
@@ -407,7 +424,7 @@ def sdpa_run(ctx, arch, attn, default_attention):
     from selfrm.sharing import SPLIT, shared_length
     s, amp = ctx.sizes, torch.bfloat16
     vocab = {"llama3": 128256, "qwen2": 152064, "mistral": 32768, "gemma2": 256000}[arch] if s.widths else 512
-    model = build(arch, "pm", vocab, 0, ctx.device, s.layers, s.widths, attn)
+    model = bf16_weights(build(arch, "pm", vocab, 0, ctx.device, s.layers, s.widths, attn))
     default_attention.setdefault(arch, model.hf.config._attn_implementation.removeprefix(SPLIT))
     pairs = prefix_pairs(s.score_pairs, s.seq_len, min(vocab, 30000), seed=1)
     world, label_ids = Dist(device=ctx.device), {"A": 7, "B": 8}
@@ -418,15 +435,22 @@ def sdpa_run(ctx, arch, attn, default_attention):
     unshared, unshared_run = profiled(lambda: score(pairs, False))
     rows = [len(a) + len(b) - shared_length(a, b) for a, b in pairs]
     return {"attention": model.hf.config._attn_implementation.removeprefix(SPLIT),
-            "weights": "fp32, bf16 autocast (selfrm's scoring)", "pairs": len(pairs),
+            "weights": "bf16, bf16 autocast (selfrm's scoring under --dtype=bf16)", "pairs": len(pairs),
             "sequence_tokens": token_range(pairs),
             "shared_row_tokens": [min(rows), max(rows)],
             "weights_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
             "shared": shared_run, "unshared": unshared_run, **compare(shared, unshared)}
 
 
+# shared's cases: (autocast dtype, weights); fp32 weights as training holds them (and scoring under
+# fp32 and fp16), bf16 weights as scoring_model loads them under --dtype=bf16 (last: the cast is in place)
+SHARED_CASES = {"fp32": (None, "fp32"), "bf16": (torch.bfloat16, "fp32"), "fp16": (torch.float16, "fp32"),
+                "bf16_weights": (torch.bfloat16, "bf16")}
+
+
 def check_shared(ctx):
-    """Shared vs unshared scores per architecture, kind and dtype, and each against fp32 unshared."""
+    """Shared vs unshared scores per architecture, kind and dtype (SHARED_CASES), and each
+    against fp32 unshared."""
     from selfrm.scoring import score_encoded
     from selfrm.sharing import SPLIT
     s = ctx.sizes
@@ -443,11 +467,12 @@ def check_shared(ctx):
             model = build(arch, kind, 512, 0, ctx.device)
             label_ids = {"A": 7, "B": 8} if kind == "pm" else None
             runs, reference = {}, None
-            for name in ("fp32", "bf16", "fp16"):
-                if name not in ctx.dtypes:
+            for name, (amp, weights) in SHARED_CASES.items():
+                if name.removesuffix("_weights") not in ctx.dtypes:
                     runs[name] = NEEDS_CUDA
                     continue
-                amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+                if weights == "bf16":
+                    bf16_weights(model)
                 unshared = score_encoded(model, pairs, 0, label_ids, world, 8, amp, share_prefix=False)
                 shared, run = profiled(lambda: score_encoded(model, pairs, 0, label_ids, world, 8, amp, share_prefix=True))
                 reference = unshared if reference is None else reference
@@ -472,8 +497,12 @@ def toy_examples(kind, n, tokenizer, max_length=64):
 
 
 def check_head(ctx):
-    """A forward hook on the head: its input shapes and dtypes in one training step (set_up,
-    backward_global_batch: bf16 autocast) and in scoring (score_encoded, both layouts)."""
+    """The head's input shapes and dtypes in one training step (set_up, backward_global_batch:
+    bf16 autocast) and in scoring (score_encoded, both layouts). The pm's head is read through
+    selfrm.modeling._Rows, which PreferenceModel.forward puts in the head's place for the call
+    (the head's own forward, and a hook on it, are not called): its forward is wrapped from
+    outside. The rm's score head is called itself: a forward hook on it."""
+    from selfrm import modeling
     from selfrm.scoring import score_encoded
     tokenizer = toy.build_tokenizer(chat=True)
     out = {}
@@ -482,22 +511,35 @@ def check_head(ctx):
         head = model.hf.get_output_embeddings() if kind == "pm" else model.hf.score
         phase, seen = ["train"], {}
 
-        def hook(module, args, output):
-            key = f"{phase[0]}: input {tuple(args[0].shape)} {str(args[0].dtype)[6:]} -> output {str(output.dtype)[6:]}"
+        def record(hidden, output, rows=""):
+            key = f"{phase[0]}: input {tuple(hidden.shape)} {str(hidden.dtype)[6:]}{rows} -> output {str(output.dtype)[6:]}"
             seen[key] = seen.get(key, 0) + 1
-        handle = head.register_forward_hook(hook)
-        examples, scoring_ids, label_ids = toy_examples(kind, 8, tokenizer)
-        cfg = make(TrainSettings, model_type=kind, dtype="bf16", global_batch_size=8, micro_batch_size=4, lr=1e-4)
-        s = trainer.set_up(cfg, model, tokenizer, Dist(device=ctx.device), label_ids)
-        batch = s.collate(examples[:4])
-        trainer.backward_global_batch(s, [examples[:4], examples[4:]], 8)
-        lengths = [len(e["input_ids"]) if kind == "pm" else len(e["chosen_ids"]) for e in examples]
-        for share in (False, True):
-            phase[0] = f"score ({'shared' if share else 'unshared'}, 8 pairs)"
-            score_encoded(model, scoring_ids, tokenizer.pad_token_id, label_ids, Dist(device=ctx.device), 8, torch.bfloat16,
-                          share_prefix=share)
-        handle.remove()
-        out[kind] = {"head": type(head).__name__, "train_micro_batch": {k: list(v.shape) for k, v in batch.items()},
+        real_rows = modeling._Rows.forward
+
+        def rows_forward(self, hidden):
+            output = real_rows(self, hidden)
+            record(hidden, output, ", token_ids None (every row)" if self.token_ids is None else ", token_ids given")
+            return output
+        if kind == "pm":
+            modeling._Rows.forward = rows_forward
+        handle = None if kind == "pm" else head.register_forward_hook(lambda module, args, output: record(args[0], output))
+        try:
+            examples, scoring_ids, label_ids = toy_examples(kind, 8, tokenizer)
+            cfg = make(TrainSettings, model_type=kind, dtype="bf16", global_batch_size=8, micro_batch_size=4, lr=1e-4)
+            s = trainer.set_up(cfg, model, tokenizer, Dist(device=ctx.device), label_ids)
+            batch = s.collate(examples[:4])
+            trainer.backward_global_batch(s, [examples[:4], examples[4:]], 8)
+            lengths = [len(e["input_ids"]) if kind == "pm" else len(e["chosen_ids"]) for e in examples]
+            for share in (False, True):
+                phase[0] = f"score ({'shared' if share else 'unshared'}, 8 pairs)"
+                score_encoded(model, scoring_ids, tokenizer.pad_token_id, label_ids, Dist(device=ctx.device), 8,
+                              torch.bfloat16, share_prefix=share)
+        finally:
+            modeling._Rows.forward = real_rows
+            if handle is not None:
+                handle.remove()
+        out[kind] = {"head": type(head).__name__ + (", read through selfrm.modeling._Rows" if kind == "pm" else ""),
+                     "train_micro_batch": {k: list(v.shape) for k, v in batch.items()},
                      "train_share_prefix": "segment_ids" in batch, "sequence_tokens": [min(lengths), max(lengths)],
                      "calls": seen}
         del model, s
@@ -628,8 +670,9 @@ def inference_mode_probe(ctx):
 
 def check_fsdp_scoring(ctx):
     """The saved 0.53B Llama scored by scoring.score with scoring_model's model: sharded on the
-    one-rank group (bf16 compute), and unsharded (bf16 autocast, and fp32). The sharded model
-    runs one idle forward under no_grad first: see inference_mode_probe."""
+    one-rank group (bf16 compute), and unsharded (bf16 weights, as scoring_model loads them,
+    and fp32). The sharded model runs one idle forward under no_grad first: see
+    inference_mode_probe."""
     from selfrm.formats import load_pairs
     from selfrm.scoring import encode_pairs, score
     from selfrm.steps import scoring_model
@@ -684,15 +727,45 @@ def train_command(ctx, out_dir, save_every, marker=None):
 RUN_CAP_S = 150  # one train.py run of fsdp_resume (about 30 s expected): a hung one leaves time for the rest
 
 
-def run_train(ctx, command):
+def start_train(ctx, command, name):
+    """torchrun in a session of its own (its process group: torchrun and its worker, killed
+    together), its stdout and stderr to files in the work folder (a pipe no one reads while
+    waiting would fill and block it)."""
+    logs = tuple(os.path.join(ctx.work, f"{name}.{ext}") for ext in ("stdout", "stderr"))
+    with open(logs[0], "w") as out, open(logs[1], "w") as err:
+        proc = subprocess.Popen(command, cwd=ROOT, env=worker_env(), stdout=out, stderr=err, start_new_session=True)
+    return proc, logs
+
+
+def end_group(proc):
+    """SIGKILL to proc's whole process group, so that no worker is left holding the GPU."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def tail(path, n):
+    with open(path, errors="replace") as f:
+        return f.read()[-n:]
+
+
+def run_train(ctx, command, name):
     """A train.py run to its end; a failure (or RUN_CAP_S, or the budget) is the section's error."""
-    start = time.time()
-    done = subprocess.run(command, cwd=ROOT, env=worker_env(), capture_output=True, text=True,
-                          timeout=max(min(ctx.remaining(), RUN_CAP_S), 10))
-    if done.returncode != 0:
-        raise RuntimeError(f"train.py exited with {done.returncode}: {done.stderr[-1500:]}")
-    return {"returncode": done.returncode, "seconds": time.time() - start,
-            "stderr_tail": done.stderr[-1500:], "stdout_tail": done.stdout[-800:]}
+    start, limit = time.time(), max(min(ctx.remaining(), RUN_CAP_S), 10)
+    proc, (out, err) = start_train(ctx, command, name)
+    try:
+        proc.wait(timeout=limit)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"train.py ran past {limit:.0f} s (its process group killed): {tail(err, 1500)}") from None
+    finally:
+        if proc.poll() is None:
+            end_group(proc)
+    if proc.returncode != 0:
+        raise RuntimeError(f"train.py exited with {proc.returncode}: {tail(err, 1500)}")
+    return {"returncode": proc.returncode, "seconds": time.time() - start,
+            "stderr_tail": tail(err, 1500), "stdout_tail": tail(out, 800)}
 
 
 def worker_env():
@@ -723,27 +796,31 @@ def check_fsdp_resume(ctx):
     free_memory()  # the parent's cached blocks are free for the workers
     out = {"steps": s.resume_steps, "checkpoint_at": half}
     ref_dir, run_dir = os.path.join(ctx.work, "resume-reference"), os.path.join(ctx.work, "resume-killed")
-    out["reference"] = run_train(ctx, train_command(ctx, ref_dir, 0))
+    out["reference"] = run_train(ctx, train_command(ctx, ref_dir, 0), "resume-reference")
     # the killed run: the worker pauses after writing its checkpoint and names its pid in the marker
     marker = os.path.join(ctx.work, "checkpoint-written.json")
-    proc = subprocess.Popen(train_command(ctx, run_dir, half, marker), cwd=ROOT, env=worker_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + max(min(ctx.remaining(), RUN_CAP_S), 10)
-    while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    if not os.path.exists(marker):
-        proc.kill()
-        _, err = proc.communicate()
-        raise RuntimeError(f"the killed run wrote no checkpoint (returncode {proc.returncode}): {err[-1500:]}")
-    written = json.load(open(marker))
-    state = os.path.join(run_dir, "checkpoint", "state.pt")
-    os.kill(written["pid"], signal.SIGKILL)
-    _, err = proc.communicate(timeout=60)
+    proc, (_, err_log) = start_train(ctx, train_command(ctx, run_dir, half, marker), "resume-killed")
+    try:
+        deadline = time.time() + max(min(ctx.remaining(), RUN_CAP_S), 10)
+        while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        if not os.path.exists(marker):
+            code = proc.poll()
+            how = "still running at the deadline" if code is None else f"returncode {code}"
+            raise RuntimeError(f"the killed run wrote no checkpoint ({how}): {tail(err_log, 1500)}")
+        written = json.load(open(marker))
+        state = os.path.join(run_dir, "checkpoint", "state.pt")
+        os.kill(written["pid"], signal.SIGKILL)
+        proc.wait(timeout=60)  # torchrun sees its worker die and exits
+    finally:
+        if proc.poll() is None:
+            end_group(proc)
+    err = tail(err_log, 600)
     out["killed"] = {"checkpoint_step": written["step"], "state_pt_existed": os.path.exists(state),
                      "checkpoint_files": sorted(os.listdir(os.path.dirname(state))),  # shards-*: FSDP's sharded checkpoint
                      "torchrun_returncode": proc.returncode, "model_saved": os.path.exists(os.path.join(run_dir, "model")),
-                     "stderr_tail": err[-600:]}
-    out["resumed"] = run_train(ctx, train_command(ctx, run_dir, half))
+                     "stderr_tail": err}
+    out["resumed"] = run_train(ctx, train_command(ctx, run_dir, half), "resume-resumed")
     out["resumed"]["resume_line"] = next((line.strip() for line in (out["resumed"]["stdout_tail"] + out["resumed"]["stderr_tail"])
                                           .splitlines() if "resumed from" in line), None)
     ref, got = weights(os.path.join(ref_dir, "model")), weights(os.path.join(run_dir, "model"))
@@ -752,7 +829,7 @@ def check_fsdp_resume(ctx):
     out["losses_reference"], out["losses_resumed"] = losses_of(ref_dir), losses_of(run_dir)
     if ctx.remaining() - ctx.later_s > out["reference"]["seconds"] + 15:  # time the sections after this one keep
         again = os.path.join(ctx.work, "resume-reference-again")
-        out["reference_again"] = run_train(ctx, train_command(ctx, again, 0))
+        out["reference_again"] = run_train(ctx, train_command(ctx, again, 0), "resume-reference-again")
         out["max_weight_diff_two_uninterrupted_runs"] = max(
             float((ref[k].float() - v.float()).abs().max()) for k, v in weights(os.path.join(again, "model")).items())
     else:
@@ -885,21 +962,25 @@ def md_sdpa(r):
                      f"{mb(v['shared']['above_weights_mb'])} | {mb(v['unshared']['above_weights_mb'])} | "
                      f"{num(v['max_diff']['prob_a'])} | {v['nan_shared']} / {v['nan_unshared']} |")
     return lines + ["", "One batch of pairs as score_encoded takes it (both orders of a pm pair: 2 sequences "
-                    "unshared, 1 row shared); fp32 weights with bf16 autocast, as selfrm scores today. The aten "
+                    "unshared, 1 row shared); bf16 weights with bf16 autocast, as selfrm scores under --dtype=bf16 "
+                    "(scoring_model loads bf16 weights; the label rows are fp32). The aten "
                     "attention ops counted and the warnings sdpa raised are in the .json."]
 
 
 def md_shared(r):
-    lines = ["| model | attention | " + " | ".join(f"{d}: max diff (vs fp32), NaN" for d in ("fp32", "bf16", "fp16")) + " |",
-             "|---|---|---|---|---|"]
+    heads = {"fp32": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast", "bf16_weights": "bf16 weights"}
+    lines = ["| model | attention | " + " | ".join(f"{heads[d]}: max diff (vs fp32), NaN" for d in SHARED_CASES) + " |",
+             "|---|---|" + "---|" * len(SHARED_CASES)]
     for key, v in r.items():
         if not isinstance(v, dict) or "attention" not in v:
             continue
         cells = [x if isinstance(x, str) else f"{num(x['max_diff']['prob_a'])} ({num(x['max_diff_vs_fp32_unshared'])}), "
-                 f"{x['nan_shared']}/{x['nan_unshared']}" for x in (v[d] for d in ("fp32", "bf16", "fp16"))]
+                 f"{x['nan_shared']}/{x['nan_unshared']}" for x in (v[d] for d in SHARED_CASES)]
         lines.append(f"| {key} | {v['attention']} | " + " | ".join(cells) + " |")
     return lines + ["", f"prob_a, shared against unshared (in brackets: against fp32 unshared), {r['pairs']['n']} pairs "
-                    f"of {r['pairs']['tokens']} tokens, window 8 where the architecture has one; NaN: shared/unshared."]
+                    f"of {r['pairs']['tokens']} tokens, window 8 where the architecture has one; NaN: shared/unshared. "
+                    "Autocast columns: fp32 weights (training's; scoring's under fp32 and fp16); bf16 weights: "
+                    "bf16 autocast on bf16 weights, as scoring_model loads them under --dtype=bf16."]
 
 
 def md_head(r):
@@ -967,7 +1048,8 @@ def md_fsdp_resume(r):
 SUMMARIES = [("versions", "Versions", md_versions),
              ("sdpa", "The sdpa kernel of the shared-prefix mask, and its memory (pm scoring, one batch)", md_sdpa),
              ("shared", "Shared vs unshared scores on the device", md_shared),
-             ("head", "The head's input in training and scoring (a forward hook on it)", md_head),
+             ("head", "The head's input in training and scoring (pm: selfrm.modeling._Rows's; rm: a hook on the score head)",
+              md_head),
              ("fp16", "fp16 with GradScaler and clipping, against fp32 and bf16 (the same steps on one batch)", md_fp16),
              ("fsdp_memory", "FSDP2, one-rank group: peak memory with 1 and 4 micro-steps per optimizer step",
               md_fsdp_memory),
