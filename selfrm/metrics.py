@@ -1,7 +1,9 @@
 """Evaluation metrics (SPEC 5): accuracy with each model kind's tie rule, RewardBench
 sections, calibration (ECE, Brier, NLL, reliability table, histogram), and the accuracy of
-pseudo-labels against gold labels (gold_report). numpy only."""
+pseudo-labels against gold labels (gold_report). numpy only (and filters.confidence)."""
 import numpy as np
+
+from selfrm.filters import confidence
 
 # RewardBench's example counts: a section is the mean of its subsets' accuracies weighted by these
 SECTIONS = {
@@ -117,8 +119,7 @@ def gold_report(prob_a, labels, gold, keep):
     if not has.any():
         return {}
     right = labels == gold
-    prob_a = np.asarray(prob_a, dtype=np.float64)
-    index = bin_index(np.maximum(prob_a, 1.0 - prob_a), 10)  # the calibration table's bins: 0.7 + 0.1 is in 0.8-0.9
+    index = bin_index(confidence(prob_a), 10)  # the calibration table's bins: 0.7 + 0.1 falls in 0.8-0.9, as 0.8 does
     bins = {}
     for k in range(5, 10):
         inside = has & (index == k)

@@ -97,43 +97,43 @@ def backbone_states(hf, input_ids, attention_mask, segment_ids=None, position_id
                     use_cache=False).last_hidden_state
 
 
-class _Given(nn.Module):
-    """Stands in for a causal LM's backbone for one call: returns the hidden states it was
-    given. Attributes the LM reads off its backbone (Falcon-H1's lm_head_multiplier) come
+class _StandIn(nn.Module):
+    """Stands in for one of a causal LM's modules for one call. Attributes the LM reads off that
+    module (Falcon-H1's lm_head_multiplier on the backbone, Mamba's lm_head.weight.dtype) come
     from the real one."""
 
-    def __init__(self, backbone, hidden):
+    def __init__(self, real):
         super().__init__()
-        object.__setattr__(self, "backbone", backbone)  # not a submodule: its weights stay where they are
-        self.hidden = hidden
-
-    def forward(self, *args, **kwargs):
-        return BaseModelOutputWithPast(last_hidden_state=self.hidden)
+        object.__setattr__(self, "real", real)  # not a submodule: its weights stay where they are
 
     def __getattr__(self, name):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(object.__getattribute__(self, "backbone"), name)
+            return getattr(object.__getattribute__(self, "real"), name)
 
 
-class _Rows(nn.Module):
-    """Stands in for a causal LM's head for one call: the fp32 product of the hidden states
-    and the head's rows of `token_ids` (all of them when None)."""
+class _Given(_StandIn):
+    """The backbone: returns the hidden states it was given."""
+
+    def __init__(self, backbone, hidden):
+        super().__init__(backbone)
+        self.hidden = hidden
+
+    def forward(self, *args, **kwargs):
+        return BaseModelOutputWithPast(last_hidden_state=self.hidden)
+
+
+class _Rows(_StandIn):
+    """The head: the fp32 product of the hidden states and the head's rows of `token_ids` (all
+    of them, in the head's dtype, when None)."""
 
     def __init__(self, head, token_ids):
-        super().__init__()
-        object.__setattr__(self, "head", head)  # not a submodule: its weights stay where they are
+        super().__init__(head)
         self.token_ids = token_ids
 
-    def __getattr__(self, name):  # what an LM reads off its head (Mamba's lm_head.weight.dtype) is the real one's
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(object.__getattribute__(self, "head"), name)
-
     def forward(self, hidden):
-        weight, bias = self.head.weight, self.head.bias
+        weight, bias = self.real.weight, self.real.bias
         if self.token_ids is None:  # training's full vocabulary, in the head's dtype: an fp32 copy of a bf16
             # head (FSDP's bf16 gathering) would be kept for the backward, V x H x 4 bytes (2.1 GB for Llama-3-8B)
             return nn.functional.linear(hidden.to(weight.dtype), weight, bias).float()
